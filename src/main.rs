@@ -1,0 +1,3 @@
+fn main() {
+    println!("ur4rec-engine: under construction");
+}
