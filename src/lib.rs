@@ -8,3 +8,7 @@
 pub mod rng;
 pub mod data;
 pub mod eval;
+pub mod backend;
+pub mod linalg;
+pub mod params;
+pub mod tape;

@@ -1,0 +1,581 @@
+//! The CPU backend: the reference implementation every CUDA kernel is checked against.
+//!
+//! Multi-threaded with rayon over independent rows / sequences only, so every output element is computed
+//! by one thread in a fixed order and results do not depend on the thread count. Matrix products go to
+//! `matrixmultiply` (one call per row block).
+use super::{Backend, DropoutKey, SeqLayout};
+use crate::rng::counter_uniform;
+use rayon::prelude::*;
+
+/// Rows per rayon task for row-wise ops; small enough to balance, large enough to amortise scheduling.
+const ROW_CHUNK: usize = 64;
+/// Below this many multiply-adds a product runs on the calling thread.
+const GEMM_PARALLEL_MIN: usize = 1 << 17;
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+#[inline]
+pub(crate) fn softplus_scalar(x: f32) -> f32 {
+    // log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}): no overflow, no loss of precision for large |x|.
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+#[inline]
+fn dropout_keep(key: &DropoutKey, e: usize) -> bool {
+    counter_uniform(key.seed, key.stream, e as u64) >= key.p
+}
+
+/// One single-threaded strided product, `C = alpha·A·B + beta·C` with explicit strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize,
+                    b: *const f32, rsb: isize, csb: isize, beta: f32, c: *mut f32, rsc: isize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // matrixmultiply handles k = 0 by scaling C with beta.
+    }
+    matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1);
+}
+
+/// Send-able raw pointer for splitting one product into row blocks across threads.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl CpuBackend {
+    /// `C[m, n] = alpha·op(A)·op(B) + beta·C` for one matrix, split over row blocks of C.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_slices(&self, m: usize, n: usize, k: usize, alpha: f32, a: &[f32], trans_a: bool, b: &[f32],
+                       trans_b: bool, beta: f32, c: &mut [f32]) {
+        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: buffer too small");
+        // op(A)[i, l] = A[i*k + l] or A[l*m + i]; op(B)[l, j] = B[l*n + j] or B[j*k + l].
+        let (rsa, csa) = if trans_a { (1isize, m as isize) } else { (k as isize, 1isize) };
+        let (rsb, csb) = if trans_b { (1isize, k as isize) } else { (n as isize, 1isize) };
+        let work = m * n * k;
+        let threads = rayon::current_num_threads();
+        if work < GEMM_PARALLEL_MIN || threads == 1 || m < 2 {
+            unsafe { sgemm_raw(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize) };
+            return;
+        }
+        // Row blocks: each C element is produced by exactly one call with the same k-order, so the
+        // result is identical for any number of blocks.
+        let blocks = (threads * 2).min(m);
+        let rows_per = m.div_ceil(blocks);
+        let cp = SyncPtr(c.as_mut_ptr());
+        let ap = a.as_ptr() as usize;
+        let bp = b.as_ptr() as usize;
+        (0..m.div_ceil(rows_per)).into_par_iter().for_each(|blk| {
+            let r0 = blk * rows_per;
+            let r1 = (r0 + rows_per).min(m);
+            let cp = cp;
+            unsafe {
+                let a0 = (ap as *const f32).offset(r0 as isize * rsa);
+                sgemm_raw(r1 - r0, k, n, alpha, a0, rsa, csa, bp as *const f32, rsb, csb, beta,
+                          cp.0.add(r0 * n), n as isize);
+            }
+        });
+    }
+}
+
+fn rows_mut(x: &mut [f32], cols: usize) -> rayon::slice::ChunksMut<'_, f32> {
+    x.par_chunks_mut(cols.max(1) * ROW_CHUNK)
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Idx = Vec<u32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+    fn from_host(&self, x: &[f32]) -> Vec<f32> {
+        x.to_vec()
+    }
+    fn idx_from_host(&self, x: &[u32]) -> Vec<u32> {
+        x.to_vec()
+    }
+    fn to_host(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.clone()
+    }
+    fn len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+    fn copy_range(&self, src: &Vec<f32>, offset: usize, len: usize) -> Vec<f32> {
+        src[offset..offset + len].to_vec()
+    }
+    fn add_into_range(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) {
+        for (d, s) in dst[offset..offset + src.len()].iter_mut().zip(src) {
+            *d += *s;
+        }
+    }
+    fn write_range(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) {
+        dst[offset..offset + src.len()].copy_from_slice(src);
+    }
+    fn axpy(&self, y: &mut Vec<f32>, a: f32, x: &Vec<f32>) {
+        assert_eq!(y.len(), x.len());
+        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += a * *x;
+            }
+        });
+    }
+    fn fill(&self, x: &mut Vec<f32>, value: f32) {
+        x.iter_mut().for_each(|v| *v = value);
+    }
+
+    fn gemm(&self, batch: usize, m: usize, n: usize, k: usize, alpha: f32, a: &Vec<f32>, trans_a: bool,
+            b: &Vec<f32>, trans_b: bool, beta: f32, c: &mut Vec<f32>) {
+        assert_eq!(a.len(), batch * m * k, "gemm: A has {} elements, expected {}x{}x{}", a.len(), batch, m, k);
+        assert_eq!(b.len(), batch * k * n, "gemm: B has {} elements, expected {}x{}x{}", b.len(), batch, k, n);
+        assert_eq!(c.len(), batch * m * n, "gemm: C has {} elements, expected {}x{}x{}", c.len(), batch, m, n);
+        if batch == 1 {
+            self.gemm_slices(m, n, k, alpha, a, trans_a, b, trans_b, beta, c);
+            return;
+        }
+        c.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+            let a = &a[i * m * k..(i + 1) * m * k];
+            let b = &b[i * k * n..(i + 1) * k * n];
+            let (rsa, csa) = if trans_a { (1isize, m as isize) } else { (k as isize, 1isize) };
+            let (rsb, csb) = if trans_b { (1isize, k as isize) } else { (n as isize, 1isize) };
+            unsafe { sgemm_raw(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize) };
+        });
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, cols: usize) {
+        assert_eq!(bias.len(), cols);
+        rows_mut(x, cols).for_each(|chunk| {
+            for row in chunk.chunks_mut(cols) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += *b;
+                }
+            }
+        });
+    }
+
+    fn sum_rows_into(&self, x: &Vec<f32>, cols: usize, out: &mut Vec<f32>) {
+        assert_eq!(out.len(), cols);
+        // Sequential over rows (fixed order => deterministic); per row a vectorisable add.
+        let mut acc = vec![0.0f64; cols];
+        for row in x.chunks(cols) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += *v as f64;
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o += a as f32;
+        }
+    }
+
+    fn add(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
+        assert_eq!(a.len(), b.len());
+        a.par_iter().zip(b.par_iter()).map(|(x, y)| x + y).collect()
+    }
+    fn mul(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
+        assert_eq!(a.len(), b.len());
+        a.par_iter().zip(b.par_iter()).map(|(x, y)| x * y).collect()
+    }
+    fn mul_acc(&self, dx: &mut Vec<f32>, dy: &Vec<f32>, other: &Vec<f32>) {
+        dx.par_iter_mut().zip(dy.par_iter().zip(other.par_iter())).for_each(|(d, (g, o))| *d += g * o);
+    }
+    fn scale(&self, x: &Vec<f32>, c: f32) -> Vec<f32> {
+        x.par_iter().map(|v| v * c).collect()
+    }
+    fn relu(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.par_iter().map(|v| v.max(0.0)).collect()
+    }
+    fn relu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        dx.par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).for_each(|(d, (x, g))| {
+            if *x > 0.0 {
+                *d += g
+            }
+        });
+    }
+    fn gelu(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.par_iter().map(|&v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))).collect()
+    }
+    fn gelu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        dx.par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).for_each(|(d, (&x, g))| {
+            let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+            *d += g * (cdf + x * pdf);
+        });
+    }
+    fn softplus(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.par_iter().map(|&v| softplus_scalar(v)).collect()
+    }
+    fn softplus_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        dx.par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).for_each(|(d, (&x, g))| *d += g * sigmoid(x));
+    }
+    fn dropout(&self, x: &Vec<f32>, key: DropoutKey) -> Vec<f32> {
+        let s = 1.0 / (1.0 - key.p);
+        x.par_iter().enumerate().map(|(e, v)| if dropout_keep(&key, e) { v * s } else { 0.0 }).collect()
+    }
+    fn dropout_backward(&self, dy: &Vec<f32>, key: DropoutKey, dx: &mut Vec<f32>) {
+        let s = 1.0 / (1.0 - key.p);
+        dx.par_iter_mut().zip(dy.par_iter()).enumerate().for_each(|(e, (d, g))| {
+            if dropout_keep(&key, e) {
+                *d += g * s
+            }
+        });
+    }
+
+    fn layer_norm(&self, x: &Vec<f32>, gamma: &Vec<f32>, beta: &Vec<f32>, cols: usize, eps: f32)
+        -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rows = x.len() / cols;
+        let mut y = vec![0.0; x.len()];
+        let mut mean = vec![0.0; rows];
+        let mut rstd = vec![0.0; rows];
+        y.par_chunks_mut(cols * ROW_CHUNK)
+            .zip(mean.par_chunks_mut(ROW_CHUNK).zip(rstd.par_chunks_mut(ROW_CHUNK)))
+            .enumerate()
+            .for_each(|(c, (y, (mean, rstd)))| {
+                for (r, yr) in y.chunks_mut(cols).enumerate() {
+                    let xr = &x[(c * ROW_CHUNK + r) * cols..][..cols];
+                    let m = xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+                    let var = xr.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / cols as f64;
+                    let rs = 1.0 / (var + eps as f64).sqrt();
+                    for i in 0..cols {
+                        yr[i] = ((xr[i] as f64 - m) * rs) as f32 * gamma[i] + beta[i];
+                    }
+                    mean[r] = m as f32;
+                    rstd[r] = rs as f32;
+                }
+            });
+        (y, mean, rstd)
+    }
+
+    fn layer_norm_backward(&self, x: &Vec<f32>, gamma: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>,
+                           dy: &Vec<f32>, cols: usize, dx: Option<&mut Vec<f32>>,
+                           dgamma: Option<&mut Vec<f32>>, dbeta: Option<&mut Vec<f32>>) {
+        let rows = x.len() / cols;
+        if let Some(dx) = dx {
+            dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
+                let xr = &x[r * cols..][..cols];
+                let g = &dy[r * cols..][..cols];
+                let (m, rs) = (mean[r], rstd[r]);
+                // dx = rstd · (dŷ − mean(dŷ) − x̂·mean(dŷ·x̂)), with dŷ = dy·gamma.
+                let mut s1 = 0.0f32;
+                let mut s2 = 0.0f32;
+                for i in 0..cols {
+                    let xh = (xr[i] - m) * rs;
+                    let dh = g[i] * gamma[i];
+                    s1 += dh;
+                    s2 += dh * xh;
+                }
+                s1 /= cols as f32;
+                s2 /= cols as f32;
+                for i in 0..cols {
+                    let xh = (xr[i] - m) * rs;
+                    dxr[i] += rs * (g[i] * gamma[i] - s1 - xh * s2);
+                }
+            });
+        }
+        if dgamma.is_some() || dbeta.is_some() {
+            let mut dg = vec![0.0f64; cols];
+            let mut db = vec![0.0f64; cols];
+            for r in 0..rows {
+                let xr = &x[r * cols..][..cols];
+                let g = &dy[r * cols..][..cols];
+                for i in 0..cols {
+                    let xh = (xr[i] - mean[r]) * rstd[r];
+                    dg[i] += (g[i] * xh) as f64;
+                    db[i] += g[i] as f64;
+                }
+            }
+            if let Some(out) = dgamma {
+                out.iter_mut().zip(dg).for_each(|(o, v)| *o += v as f32);
+            }
+            if let Some(out) = dbeta {
+                out.iter_mut().zip(db).for_each(|(o, v)| *o += v as f32);
+            }
+        }
+    }
+
+    fn softmax(&self, x: &Vec<f32>, cols: usize) -> Vec<f32> {
+        let mut y = x.clone();
+        rows_mut(&mut y, cols).for_each(|chunk| {
+            for row in chunk.chunks_mut(cols) {
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut s = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - mx).exp();
+                    s += *v;
+                }
+                row.iter_mut().for_each(|v| *v /= s);
+            }
+        });
+        y
+    }
+    fn softmax_backward(&self, y: &Vec<f32>, dy: &Vec<f32>, cols: usize, dx: &mut Vec<f32>) {
+        dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
+            let yr = &y[r * cols..][..cols];
+            let g = &dy[r * cols..][..cols];
+            let dot: f32 = yr.iter().zip(g).map(|(a, b)| a * b).sum();
+            for i in 0..cols {
+                dxr[i] += yr[i] * (g[i] - dot);
+            }
+        });
+    }
+    fn log_softmax(&self, x: &Vec<f32>, cols: usize) -> Vec<f32> {
+        let mut y = x.clone();
+        rows_mut(&mut y, cols).for_each(|chunk| {
+            for row in chunk.chunks_mut(cols) {
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f32>().ln();
+                row.iter_mut().for_each(|v| *v -= lse);
+            }
+        });
+        y
+    }
+    fn log_softmax_backward(&self, y: &Vec<f32>, dy: &Vec<f32>, cols: usize, dx: &mut Vec<f32>) {
+        dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
+            let yr = &y[r * cols..][..cols];
+            let g = &dy[r * cols..][..cols];
+            let s: f32 = g.iter().sum();
+            for i in 0..cols {
+                dxr[i] += g[i] - yr[i].exp() * s;
+            }
+        });
+    }
+    fn l2_normalize(&self, x: &Vec<f32>, cols: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+        let norms: Vec<f32> = x.par_chunks(cols).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+        let mut y = x.clone();
+        y.par_chunks_mut(cols).zip(norms.par_iter()).for_each(|(r, &n)| {
+            let inv = 1.0 / n.max(eps);
+            r.iter_mut().for_each(|v| *v *= inv);
+        });
+        (y, norms)
+    }
+    fn l2_normalize_backward(&self, x: &Vec<f32>, norms: &Vec<f32>, dy: &Vec<f32>, cols: usize, eps: f32,
+                             dx: &mut Vec<f32>) {
+        dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
+            let xr = &x[r * cols..][..cols];
+            let g = &dy[r * cols..][..cols];
+            let n = norms[r];
+            if n <= eps {
+                // y = x / eps: a plain scaling.
+                for i in 0..cols {
+                    dxr[i] += g[i] / eps;
+                }
+                return;
+            }
+            // y = x/n: dx = (g − y (y·g)) / n.
+            let dot: f32 = xr.iter().zip(g).map(|(a, b)| a * b).sum::<f32>() / n;
+            for i in 0..cols {
+                dxr[i] += (g[i] - xr[i] / n * dot) / n;
+            }
+        });
+    }
+    fn row_dot(&self, a: &Vec<f32>, b: &Vec<f32>, cols: usize) -> Vec<f32> {
+        a.par_chunks(cols).zip(b.par_chunks(cols)).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum()).collect()
+    }
+
+    fn row_scale_acc(&self, dx: &mut Vec<f32>, g: &Vec<f32>, other: &Vec<f32>, cols: usize) {
+        dx.par_chunks_mut(cols).zip(other.par_chunks(cols)).zip(g.par_iter()).for_each(|((d, o), &g)| {
+            for (d, o) in d.iter_mut().zip(o) {
+                *d += g * o;
+            }
+        });
+    }
+
+    fn gather_rows(&self, table: &Vec<f32>, idx: &Vec<u32>, cols: usize) -> Vec<f32> {
+        let rows = table.len() / cols;
+        let mut out = vec![0.0; idx.len() * cols];
+        out.par_chunks_mut(cols).zip(idx.par_iter()).for_each(|(o, &i)| {
+            assert!((i as usize) < rows, "gather_rows: index {i} out of range for {rows} rows");
+            o.copy_from_slice(&table[i as usize * cols..][..cols]);
+        });
+        out
+    }
+    fn scatter_add_rows(&self, dy: &Vec<f32>, idx: &Vec<u32>, cols: usize, skip: Option<u32>, dtable: &mut Vec<f32>) {
+        // Sequential in index order: deterministic and cheap next to the products around it.
+        for (r, &i) in idx.iter().enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            let dst = &mut dtable[i as usize * cols..][..cols];
+            for (d, g) in dst.iter_mut().zip(&dy[r * cols..][..cols]) {
+                *d += *g;
+            }
+        }
+    }
+    fn gather_cols(&self, x: &Vec<f32>, idx: &Vec<u32>, c: usize, j: usize) -> Vec<f32> {
+        let mut out = vec![0.0; idx.len()];
+        out.par_chunks_mut(j).enumerate().for_each(|(r, o)| {
+            for t in 0..j {
+                let col = idx[r * j + t] as usize;
+                assert!(col < c, "gather_cols: index {col} out of range for {c} columns");
+                o[t] = x[r * c + col];
+            }
+        });
+        out
+    }
+    fn gather_cols_backward(&self, dy: &Vec<f32>, idx: &Vec<u32>, c: usize, j: usize, dx: &mut Vec<f32>) {
+        dx.par_chunks_mut(c).enumerate().for_each(|(r, d)| {
+            for t in 0..j {
+                d[idx[r * j + t] as usize] += dy[r * j + t];
+            }
+        });
+    }
+    fn score_candidates(&self, h: &Vec<f32>, table: &Vec<f32>, idx: &Vec<u32>, d: usize, j: usize) -> Vec<f32> {
+        let mut out = vec![0.0; idx.len()];
+        out.par_chunks_mut(j).enumerate().for_each(|(r, o)| {
+            let hr = &h[r * d..][..d];
+            for t in 0..j {
+                let e = &table[idx[r * j + t] as usize * d..][..d];
+                o[t] = hr.iter().zip(e).map(|(a, b)| a * b).sum();
+            }
+        });
+        out
+    }
+    fn score_candidates_backward(&self, h: &Vec<f32>, table: &Vec<f32>, idx: &Vec<u32>, d: usize, j: usize,
+                                 dy: &Vec<f32>, dh: Option<&mut Vec<f32>>, dtable: Option<&mut Vec<f32>>) {
+        if let Some(dh) = dh {
+            dh.par_chunks_mut(d).enumerate().for_each(|(r, dhr)| {
+                for t in 0..j {
+                    let g = dy[r * j + t];
+                    let e = &table[idx[r * j + t] as usize * d..][..d];
+                    for i in 0..d {
+                        dhr[i] += g * e[i];
+                    }
+                }
+            });
+        }
+        if let Some(dt) = dtable {
+            for (p, &item) in idx.iter().enumerate() {
+                let g = dy[p];
+                let r = p / j;
+                let dst = &mut dt[item as usize * d..][..d];
+                for (o, hv) in dst.iter_mut().zip(&h[r * d..][..d]) {
+                    *o += g * hv;
+                }
+            }
+        }
+    }
+
+    fn attention(&self, qkv: &Vec<f32>, layout: &SeqLayout<Self>, d: usize, heads: usize,
+                 dropout: Option<DropoutKey>) -> (Vec<f32>, Vec<f32>) {
+        crate::backend::cpu_attention::forward(qkv, layout, d, heads, dropout)
+    }
+    fn attention_backward(&self, qkv: &Vec<f32>, probs: &Vec<f32>, layout: &SeqLayout<Self>, d: usize,
+                          heads: usize, dropout: Option<DropoutKey>, dout: &Vec<f32>, dqkv: &mut Vec<f32>) {
+        crate::backend::cpu_attention::backward(qkv, probs, layout, d, heads, dropout, dout, dqkv)
+    }
+
+    fn bpr(&self, pos: &Vec<f32>, neg: &Vec<f32>, k: usize) -> Vec<f32> {
+        let mut s = 0.0f64;
+        for (r, &p) in pos.iter().enumerate() {
+            for &n in &neg[r * k..][..k] {
+                s += softplus_scalar(n - p) as f64;
+            }
+        }
+        vec![(s / (pos.len() * k).max(1) as f64) as f32]
+    }
+    fn bpr_backward(&self, pos: &Vec<f32>, neg: &Vec<f32>, k: usize, dloss: &Vec<f32>, mut dpos: Option<&mut Vec<f32>>,
+                    mut dneg: Option<&mut Vec<f32>>) {
+        let scale = dloss[0] / (pos.len() * k).max(1) as f32;
+        for (r, &p) in pos.iter().enumerate() {
+            for t in 0..k {
+                let g = scale * sigmoid(neg[r * k + t] - p);
+                if let Some(dp) = dpos.as_deref_mut() {
+                    dp[r] -= g;
+                }
+                if let Some(dn) = dneg.as_deref_mut() {
+                    dn[r * k + t] += g;
+                }
+            }
+        }
+    }
+    fn bce_logits(&self, logits: &Vec<f32>, labels: &Vec<f32>) -> Vec<f32> {
+        // softplus(x) − y·x = −[y log σ(x) + (1−y) log(1−σ(x))].
+        let s: f64 = logits.iter().zip(labels).map(|(&x, &y)| (softplus_scalar(x) - y * x) as f64).sum();
+        vec![(s / logits.len().max(1) as f64) as f32]
+    }
+    fn bce_logits_backward(&self, logits: &Vec<f32>, labels: &Vec<f32>, dloss: &Vec<f32>, dx: &mut Vec<f32>) {
+        let scale = dloss[0] / logits.len().max(1) as f32;
+        dx.par_iter_mut().zip(logits.par_iter().zip(labels.par_iter()))
+            .for_each(|(d, (&x, &y))| *d += scale * (sigmoid(x) - y));
+    }
+    fn cross_entropy(&self, logits: &Vec<f32>, target: &Vec<u32>, cols: usize) -> Vec<f32> {
+        let s: f64 = logits.par_chunks(cols).zip(target.par_iter()).map(|(row, &t)| {
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f32>().ln();
+            (lse - row[t as usize]) as f64
+        }).collect::<Vec<f64>>().iter().sum();
+        vec![(s / target.len().max(1) as f64) as f32]
+    }
+    fn cross_entropy_backward(&self, logits: &Vec<f32>, target: &Vec<u32>, cols: usize, dloss: &Vec<f32>, dx: &mut Vec<f32>) {
+        let scale = dloss[0] / target.len().max(1) as f32;
+        dx.par_chunks_mut(cols).enumerate().for_each(|(r, d)| {
+            let row = &logits[r * cols..][..cols];
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let s: f32 = row.iter().map(|v| (v - mx).exp()).sum();
+            for i in 0..cols {
+                d[i] += scale * ((row[i] - mx).exp() / s);
+            }
+            d[target[r] as usize] -= scale;
+        });
+    }
+    fn kl_div(&self, logits: &Vec<f32>, teacher: &Vec<f32>, cols: usize) -> Vec<f32> {
+        let rows = logits.len() / cols;
+        let s: f64 = logits.par_chunks(cols).zip(teacher.par_chunks(cols)).map(|(row, t)| {
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f32>().ln();
+            // Σ t (log t − log q); 0·log 0 = 0.
+            row.iter().zip(t).map(|(&x, &p)| if p > 0.0 { (p * (p.ln() - (x - lse))) as f64 } else { 0.0 }).sum::<f64>()
+        }).collect::<Vec<f64>>().iter().sum();
+        vec![(s / rows.max(1) as f64) as f32]
+    }
+    fn kl_div_backward(&self, logits: &Vec<f32>, teacher: &Vec<f32>, cols: usize, dloss: &Vec<f32>, dx: &mut Vec<f32>) {
+        let rows = logits.len() / cols;
+        let scale = dloss[0] / rows.max(1) as f32;
+        dx.par_chunks_mut(cols).enumerate().for_each(|(r, d)| {
+            let row = &logits[r * cols..][..cols];
+            let t = &teacher[r * cols..][..cols];
+            let tsum: f32 = t.iter().sum();
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let s: f32 = row.iter().map(|v| (v - mx).exp()).sum();
+            for i in 0..cols {
+                d[i] += scale * (tsum * (row[i] - mx).exp() / s - t[i]);
+            }
+        });
+    }
+    fn mse(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
+        let s: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        vec![(s / a.len().max(1) as f64) as f32]
+    }
+    fn sum_all(&self, x: &Vec<f32>) -> Vec<f32> {
+        vec![x.iter().map(|&v| v as f64).sum::<f64>() as f32]
+    }
+    fn add_scalar_acc(&self, dx: &mut Vec<f32>, c: &Vec<f32>, scale: f32) {
+        let c = c[0] * scale;
+        dx.iter_mut().for_each(|v| *v += c);
+    }
+    fn read_scalar(&self, x: &Vec<f32>) -> f32 {
+        x[0]
+    }
+}

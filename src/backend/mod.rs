@@ -1,0 +1,159 @@
+//! The operation set every backend implements.
+//!
+//! Model code never calls a backend directly: it records operations on the [`crate::tape::Tape`], which
+//! calls these methods forward and backward. A backend owns its storage types (`Buf` for f32 data,
+//! `Idx` for u32 indices), so the CUDA backend keeps everything on the device while the tape and model
+//! code stay the same. All tensors are dense, row-major and contiguous; shapes are passed explicitly.
+//!
+//! Conventions for backward methods: they ACCUMULATE into the gradient buffers they are given (`+=`),
+//! because a tensor used twice receives the sum of both uses' gradients.
+
+pub mod cpu;
+pub mod cuda;
+pub mod layout;
+mod cpu_attention;
+
+pub use cpu::CpuBackend;
+pub use layout::SeqLayout;
+
+/// Dropout parameters of one op application: drop probability and the counter-RNG key.
+/// The mask element `e` is dropped iff `counter_uniform(seed, stream, e) < p`; see `crate::rng`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutKey {
+    pub p: f32,
+    pub seed: u64,
+    pub stream: u64,
+}
+
+pub trait Backend: Send + Sync + Sized + 'static {
+    type Buf: Send + Sync;
+    type Idx: Send + Sync;
+
+    fn name(&self) -> String;
+
+    // ---- storage ---------------------------------------------------------------------------------
+    fn zeros(&self, n: usize) -> Self::Buf;
+    fn from_host(&self, x: &[f32]) -> Self::Buf;
+    fn idx_from_host(&self, x: &[u32]) -> Self::Idx;
+    fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
+    fn len(&self, x: &Self::Buf) -> usize;
+    /// A copy of `src[offset .. offset + len]`.
+    fn copy_range(&self, src: &Self::Buf, offset: usize, len: usize) -> Self::Buf;
+    /// `dst[offset .. offset + src.len()] += src`.
+    fn add_into_range(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf);
+    /// `dst[offset .. offset + src.len()] = src`.
+    fn write_range(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf);
+    /// `y += a * x`.
+    fn axpy(&self, y: &mut Self::Buf, a: f32, x: &Self::Buf);
+    fn fill(&self, x: &mut Self::Buf, value: f32);
+
+    // ---- dense linear algebra --------------------------------------------------------------------
+    /// `C[i] = alpha * op(A[i]) · op(B[i]) + beta * C[i]` for `i < batch`, where `op(A)` is `[m, k]`
+    /// (`A` stored `[k, m]` when `trans_a`) and `op(B)` is `[k, n]` (`B` stored `[n, k]` when `trans_b`).
+    /// `beta` is 0 (overwrite) or 1 (accumulate).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(&self, batch: usize, m: usize, n: usize, k: usize, alpha: f32, a: &Self::Buf, trans_a: bool,
+            b: &Self::Buf, trans_b: bool, beta: f32, c: &mut Self::Buf);
+    /// `x[r, :] += bias` for each row.
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, cols: usize);
+    /// `out[c] += Σ_r x[r, c]` (bias gradient).
+    fn sum_rows_into(&self, x: &Self::Buf, cols: usize, out: &mut Self::Buf);
+
+    // ---- elementwise -----------------------------------------------------------------------------
+    fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Self::Buf;
+    fn mul(&self, a: &Self::Buf, b: &Self::Buf) -> Self::Buf;
+    /// `dx += dy * other` (the backward of an elementwise product).
+    fn mul_acc(&self, dx: &mut Self::Buf, dy: &Self::Buf, other: &Self::Buf);
+    fn scale(&self, x: &Self::Buf, c: f32) -> Self::Buf;
+    fn relu(&self, x: &Self::Buf) -> Self::Buf;
+    fn relu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// Exact GELU, `x · Φ(x)` (erf form, as PyTorch's default).
+    fn gelu(&self, x: &Self::Buf) -> Self::Buf;
+    fn gelu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// `softplus(x) = log(1 + e^x)`, computed stably.
+    fn softplus(&self, x: &Self::Buf) -> Self::Buf;
+    /// `dx += dy · σ(x)`.
+    fn softplus_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// Inverted dropout: kept elements scaled by `1 / (1 - p)`.
+    fn dropout(&self, x: &Self::Buf, key: DropoutKey) -> Self::Buf;
+    fn dropout_backward(&self, dy: &Self::Buf, key: DropoutKey, dx: &mut Self::Buf);
+
+    // ---- row-wise ops over the last dimension ----------------------------------------------------
+    /// Returns `(y, mean, rstd)`.
+    fn layer_norm(&self, x: &Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, cols: usize, eps: f32)
+        -> (Self::Buf, Self::Buf, Self::Buf);
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(&self, x: &Self::Buf, gamma: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf,
+                           dy: &Self::Buf, cols: usize, dx: Option<&mut Self::Buf>,
+                           dgamma: Option<&mut Self::Buf>, dbeta: Option<&mut Self::Buf>);
+    fn softmax(&self, x: &Self::Buf, cols: usize) -> Self::Buf;
+    /// From the softmax output `y`: `dx += y ∘ (dy − Σ dy·y)`.
+    fn softmax_backward(&self, y: &Self::Buf, dy: &Self::Buf, cols: usize, dx: &mut Self::Buf);
+    fn log_softmax(&self, x: &Self::Buf, cols: usize) -> Self::Buf;
+    /// From the log-softmax output `y`: `dx += dy − e^y Σ dy`.
+    fn log_softmax_backward(&self, y: &Self::Buf, dy: &Self::Buf, cols: usize, dx: &mut Self::Buf);
+    /// `y[r] = x[r] / max(‖x[r]‖, eps)`; returns `(y, norms)`.
+    fn l2_normalize(&self, x: &Self::Buf, cols: usize, eps: f32) -> (Self::Buf, Self::Buf);
+    fn l2_normalize_backward(&self, x: &Self::Buf, norms: &Self::Buf, dy: &Self::Buf, cols: usize, eps: f32,
+                             dx: &mut Self::Buf);
+    /// `out[r] = a[r] · b[r]`.
+    fn row_dot(&self, a: &Self::Buf, b: &Self::Buf, cols: usize) -> Self::Buf;
+    /// `dx[r, :] += g[r] · other[r, :]` (the backward of `row_dot`).
+    fn row_scale_acc(&self, dx: &mut Self::Buf, g: &Self::Buf, other: &Self::Buf, cols: usize);
+
+    // ---- indexing ----------------------------------------------------------------------------------
+    /// `out[r] = table[idx[r]]` (rows of `cols`).
+    fn gather_rows(&self, table: &Self::Buf, idx: &Self::Idx, cols: usize) -> Self::Buf;
+    /// `dtable[idx[r]] += dy[r]`, skipping rows whose index equals `skip` (the padding row).
+    fn scatter_add_rows(&self, dy: &Self::Buf, idx: &Self::Idx, cols: usize, skip: Option<u32>,
+                        dtable: &mut Self::Buf);
+    /// `out[r, j] = x[r, idx[r, j]]` for `x: [R, C]`, `idx: [R, J]`.
+    fn gather_cols(&self, x: &Self::Buf, idx: &Self::Idx, c: usize, j: usize) -> Self::Buf;
+    fn gather_cols_backward(&self, dy: &Self::Buf, idx: &Self::Idx, c: usize, j: usize, dx: &mut Self::Buf);
+    /// Candidate scoring: `out[r, j] = h[r] · table[idx[r, j]]` for `h: [R, d]`, `idx: [R, J]`.
+    fn score_candidates(&self, h: &Self::Buf, table: &Self::Buf, idx: &Self::Idx, d: usize, j: usize) -> Self::Buf;
+    #[allow(clippy::too_many_arguments)]
+    fn score_candidates_backward(&self, h: &Self::Buf, table: &Self::Buf, idx: &Self::Idx, d: usize, j: usize,
+                                 dy: &Self::Buf, dh: Option<&mut Self::Buf>, dtable: Option<&mut Self::Buf>);
+
+    // ---- attention -------------------------------------------------------------------------------
+    /// Fused causal multi-head self-attention over packed sequences. `qkv: [T, 3·d]` holds each token's
+    /// query, key and value; tokens of sequence `s` are rows `offsets[s]..offsets[s+1]`, in time order.
+    /// Query `i` attends to keys `j <= i` of its own sequence whose `key_valid[j] != 0`; a query with no
+    /// visible key outputs 0. Optional dropout on the attention weights. Returns `(out [T, d], probs)`,
+    /// where `probs` is whatever the backward needs (the pre-dropout attention weights).
+    fn attention(&self, qkv: &Self::Buf, layout: &SeqLayout<Self>, d: usize, heads: usize,
+                 dropout: Option<DropoutKey>) -> (Self::Buf, Self::Buf);
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(&self, qkv: &Self::Buf, probs: &Self::Buf, layout: &SeqLayout<Self>, d: usize,
+                          heads: usize, dropout: Option<DropoutKey>, dout: &Self::Buf, dqkv: &mut Self::Buf);
+
+    // ---- losses (each returns a 1-element buffer holding the mean loss; `dloss` is
+    // the 1-element upstream gradient, kept on the device) ------------------------------
+    /// `mean_{r,k} softplus(neg[r,k] − pos[r])` = mean −log σ(pos − neg).
+    fn bpr(&self, pos: &Self::Buf, neg: &Self::Buf, k: usize) -> Self::Buf;
+    #[allow(clippy::too_many_arguments)]
+    fn bpr_backward(&self, pos: &Self::Buf, neg: &Self::Buf, k: usize, dloss: &Self::Buf,
+                    dpos: Option<&mut Self::Buf>, dneg: Option<&mut Self::Buf>);
+    /// Mean binary cross-entropy with logits against `labels` in [0, 1].
+    fn bce_logits(&self, logits: &Self::Buf, labels: &Self::Buf) -> Self::Buf;
+    fn bce_logits_backward(&self, logits: &Self::Buf, labels: &Self::Buf, dloss: &Self::Buf, dx: &mut Self::Buf);
+    /// Mean over rows of `−log softmax(logits[r])[target[r]]`.
+    fn cross_entropy(&self, logits: &Self::Buf, target: &Self::Idx, cols: usize) -> Self::Buf;
+    fn cross_entropy_backward(&self, logits: &Self::Buf, target: &Self::Idx, cols: usize, dloss: &Self::Buf,
+                              dx: &mut Self::Buf);
+    /// `Σ_r KL(teacher[r] ‖ softmax(logits[r])) / R` (PyTorch's `kl_div(..., 'batchmean')`); the teacher is
+    /// a probability table (constant).
+    fn kl_div(&self, logits: &Self::Buf, teacher: &Self::Buf, cols: usize) -> Self::Buf;
+    fn kl_div_backward(&self, logits: &Self::Buf, teacher: &Self::Buf, cols: usize, dloss: &Self::Buf, dx: &mut Self::Buf);
+    /// `mean (a − b)²`.
+    fn mse(&self, a: &Self::Buf, b: &Self::Buf) -> Self::Buf;
+    /// `Σ x` as a 1-element buffer.
+    fn sum_all(&self, x: &Self::Buf) -> Self::Buf;
+    /// `dx += scale · c[0]` for every element (the backward of a sum); `c` is a 1-element buffer so a
+    /// device backend never has to read it back.
+    fn add_scalar_acc(&self, dx: &mut Self::Buf, c: &Self::Buf, scale: f32);
+    /// `−log det(G)` is computed by the tape through a Cholesky factorisation on the host (the matrices
+    /// are batch-sized); the backend only needs to move them. See `Tape::logdet`.
+    fn read_scalar(&self, x: &Self::Buf) -> f32;
+}
