@@ -12,3 +12,6 @@ pub mod backend;
 pub mod linalg;
 pub mod params;
 pub mod tape;
+pub mod config;
+pub mod model;
+pub mod train;

@@ -22,6 +22,7 @@ enum Op<B: Backend> {
     Add { a: Var, b: Var },
     Sub { a: Var, b: Var },
     Mul { a: Var, b: Var },
+    ConcatCols { a: Var, b: Var, ca: usize, cb: usize },
     Scale { x: Var, c: f32 },
     AddBias { x: Var, b: Var, cols: usize },
     GatherRows { table: Var, idx: B::Idx, cols: usize, skip: Option<u32> },
@@ -221,6 +222,14 @@ impl<'a, B: Backend> Tape<'a, B> {
         assert_eq!(self.shape(a), self.shape(b), "mul: shapes differ");
         let y = self.backend.mul(self.value(a), self.value(b));
         self.push(self.shape(a).to_vec(), y, Op::Mul { a, b }, &[a, b])
+    }
+    /// `[a | b]` along the last dimension of two `[R, ·]` tensors.
+    pub fn concat_cols(&mut self, a: Var, b: Var) -> Var {
+        let (ca, cb) = (self.cols(a), self.cols(b));
+        let rows = numel(self.shape(a)) / ca;
+        assert_eq!(numel(self.shape(b)) / cb, rows, "concat_cols: row counts differ");
+        let y = self.backend.concat_cols(self.value(a), ca, self.value(b), cb);
+        self.push(vec![rows, ca + cb], y, Op::ConcatCols { a, b, ca, cb }, &[a, b])
     }
     pub fn scale(&mut self, x: Var, c: f32) -> Var {
         let y = self.backend.scale(self.value(x), c);
@@ -534,6 +543,13 @@ impl<'a, B: Backend> Tape<'a, B> {
                     be.mul_acc(&mut gb, g, self.value(*a));
                     self.put_grad(*b, gb);
                 }
+            }
+            Op::ConcatCols { a, b, ca, cb } => {
+                let mut ga = self.take_grad(*a);
+                let mut gb = self.take_grad(*b);
+                be.split_cols_acc(g, *ca, *cb, ga.as_mut(), gb.as_mut());
+                if let Some(v) = ga { self.put_grad(*a, v) }
+                if let Some(v) = gb { self.put_grad(*b, v) }
             }
             Op::Scale { x, c } => {
                 if let Some(mut gx) = self.take_grad(*x) {

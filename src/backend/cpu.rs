@@ -3,7 +3,7 @@
 //! Multi-threaded with rayon over independent rows / sequences only, so every output element is computed
 //! by one thread in a fixed order and results do not depend on the thread count. Matrix products go to
 //! `matrixmultiply` (one call per row block).
-use super::{Backend, DropoutKey, SeqLayout};
+use super::{AdamWStep, Backend, DropoutKey, SeqLayout};
 use crate::rng::counter_uniform;
 use rayon::prelude::*;
 
@@ -144,6 +144,53 @@ impl Backend for CpuBackend {
     }
     fn fill(&self, x: &mut Vec<f32>, value: f32) {
         x.iter_mut().for_each(|v| *v = value);
+    }
+
+    fn concat_cols(&self, a: &Vec<f32>, ca: usize, b: &Vec<f32>, cb: usize) -> Vec<f32> {
+        let rows = a.len() / ca.max(1);
+        assert_eq!(b.len(), rows * cb, "concat_cols: row counts differ");
+        let mut out = vec![0.0; rows * (ca + cb)];
+        out.par_chunks_mut(ca + cb).enumerate().for_each(|(r, o)| {
+            o[..ca].copy_from_slice(&a[r * ca..][..ca]);
+            o[ca..].copy_from_slice(&b[r * cb..][..cb]);
+        });
+        out
+    }
+    fn split_cols_acc(&self, g: &Vec<f32>, ca: usize, cb: usize, da: Option<&mut Vec<f32>>, db: Option<&mut Vec<f32>>) {
+        if let Some(da) = da {
+            da.par_chunks_mut(ca).enumerate().for_each(|(r, d)| {
+                d.iter_mut().zip(&g[r * (ca + cb)..][..ca]).for_each(|(d, g)| *d += g);
+            });
+        }
+        if let Some(db) = db {
+            db.par_chunks_mut(cb).enumerate().for_each(|(r, d)| {
+                d.iter_mut().zip(&g[r * (ca + cb) + ca..][..cb]).for_each(|(d, g)| *d += g);
+            });
+        }
+    }
+
+    fn sum_squares(&self, x: &Vec<f32>, offset: usize, len: usize) -> f64 {
+        x[offset..offset + len].iter().map(|&v| (v as f64) * (v as f64)).sum()
+    }
+
+    fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, offset: usize, len: usize,
+             hp: &AdamWStep) {
+        let r = offset..offset + len;
+        let decay = 1.0 - hp.lr * hp.weight_decay;
+        p[r.clone()].par_chunks_mut(4096)
+            .zip(m[r.clone()].par_chunks_mut(4096))
+            .zip(v[r.clone()].par_chunks_mut(4096))
+            .zip(g[r].par_chunks(4096))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let gi = g[i] * hp.grad_scale;
+                    m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
+                    v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
+                    let mhat = m[i] / hp.bias_correction1;
+                    let vhat = v[i] / hp.bias_correction2;
+                    p[i] = p[i] * decay - hp.lr * mhat / (vhat.sqrt() + hp.eps);
+                }
+            });
     }
 
     fn gemm(&self, batch: usize, m: usize, n: usize, k: usize, alpha: f32, a: &Vec<f32>, trans_a: bool,

@@ -25,6 +25,22 @@ pub struct DropoutKey {
     pub stream: u64,
 }
 
+/// Scalars of one AdamW update of one parameter range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay (0 where the parameter is not decayed).
+    pub weight_decay: f32,
+    /// Multiplies the gradient first (gradient-norm clipping).
+    pub grad_scale: f32,
+    /// `1 − beta1^t` and `1 − beta2^t` for this parameter's step count `t`.
+    pub bias_correction1: f32,
+    pub bias_correction2: f32,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     type Buf: Send + Sync;
     type Idx: Send + Sync;
@@ -46,6 +62,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `y += a * x`.
     fn axpy(&self, y: &mut Self::Buf, a: f32, x: &Self::Buf);
     fn fill(&self, x: &mut Self::Buf, value: f32);
+
+    /// `out[r] = [a[r] | b[r]]` for `a: [R, ca]`, `b: [R, cb]`.
+    fn concat_cols(&self, a: &Self::Buf, ca: usize, b: &Self::Buf, cb: usize) -> Self::Buf;
+    /// The backward of `concat_cols`: `da += g[:, ..ca]`, `db += g[:, ca..]`.
+    fn split_cols_acc(&self, g: &Self::Buf, ca: usize, cb: usize, da: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
+
+    // ---- optimizer -------------------------------------------------------------------------------
+    /// `Σ x[offset .. offset + len]²` (gradient-norm clipping), accumulated in f64.
+    fn sum_squares(&self, x: &Self::Buf, offset: usize, len: usize) -> f64;
+    /// One fused AdamW update of `p[offset .. offset + len]` (decoupled weight decay; see `train::optim`).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, offset: usize,
+             len: usize, hp: &AdamWStep);
 
     // ---- dense linear algebra --------------------------------------------------------------------
     /// `C[i] = alpha * op(A[i]) · op(B[i]) + beta * C[i]` for `i < batch`, where `op(A)` is `[m, k]`

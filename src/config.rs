@@ -1,0 +1,282 @@
+//! Run configuration: TOML on disk, presets, `key=value` overrides; the resolved configuration is
+//! written into every run directory.
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Where SASRec's layer norms sit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormPlacement {
+    /// After each residual add (the UR4Rec reference code, PyTorch `TransformerEncoderLayer` style).
+    Post,
+    /// Kang & McAuley's SASRec code: queries and the FFN input are normalised, keys/values are not, and the
+    /// residuals start from the normalised tensors.
+    Pre,
+}
+
+/// What SASRec is trained on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Standard SASRec: at every position, BCE on the next item against one sampled negative.
+    EveryPosition,
+    /// The UR4Rec reference: BPR of the last training item against `negatives` samples, last position only.
+    LastBpr,
+}
+
+/// Learning-rate schedule within a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    Constant,
+    /// Linear warmup over `warmup_steps`, then cosine decay to 0 over the rest of the stage.
+    WarmupCosine,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `synthetic` or a path to a data file / directory.
+    pub source: String,
+    /// Reader format; picked from the file name when empty.
+    pub format: String,
+    /// Keep ratings >= this (where the format has ratings); negative = keep all.
+    pub min_rating: f32,
+    pub min_items_per_user: usize,
+    /// Synthetic data set size.
+    pub synthetic_users: usize,
+    pub synthetic_items: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { source: "synthetic".into(), format: String::new(), min_rating: 4.0, min_items_per_user: 5,
+                     synthetic_users: 1000, synthetic_items: 500 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SasRecConfig {
+    pub hidden: usize,
+    pub blocks: usize,
+    pub heads: usize,
+    /// Inner dimension of the position-wise feed-forward network.
+    pub ffn: usize,
+    pub dropout: f32,
+    pub max_len: usize,
+    pub norm: NormPlacement,
+    /// Multiply item embeddings by √hidden (Kang's SASRec code does; the UR4Rec reference does not).
+    pub scale_embedding: bool,
+    pub layer_norm_eps: f32,
+}
+
+impl Default for SasRecConfig {
+    fn default() -> Self {
+        SasRecConfig { hidden: 256, blocks: 2, heads: 4, ffn: 256, dropout: 0.1, max_len: 50, norm: NormPlacement::Post,
+                       scale_embedding: false, layer_norm_eps: 1e-5 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub objective: Objective,
+    /// Negatives per user for the last-position BPR objective.
+    pub negatives: usize,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub adam_eps: f32,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    /// Per-group gradient-norm clip (0 = off).
+    pub clip_norm: f32,
+    /// Evaluate on validation every this many epochs (and at the last epoch).
+    pub eval_every: usize,
+    /// Stop after this many evaluations without a better validation NDCG@10 (0 = never).
+    pub patience: usize,
+    /// Write a metrics line every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { epochs: 20, batch_size: 128, objective: Objective::EveryPosition, negatives: 5, lr: 1e-3,
+                      weight_decay: 1e-5, beta1: 0.9, beta2: 0.999, adam_eps: 1e-8, schedule: Schedule::WarmupCosine,
+                      warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 10 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Sampled negatives per user (drawn once, outside the whole history).
+    pub negatives: usize,
+    /// Also rank against every item (history masked).
+    pub full_ranking: bool,
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { negatives: 99, full_ranking: true, batch_size: 256 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub seed: u64,
+    pub data: DataConfig,
+    pub sasrec: SasRecConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::preset("default").unwrap()
+    }
+}
+
+impl Config {
+    pub const PRESETS: &'static [&'static str] = &["default", "ur4rec", "sasrec-paper"];
+
+    /// - `default`: a small, fast SASRec for the synthetic data (about a minute on 2 cores).
+    /// - `ur4rec`: the UR4Rec reference configuration (reference-model.md §2): d 256, 2 blocks, 4 heads,
+    ///   dropout 0.1, L 50, post-LN, AdamW 1e-3 / wd 1e-5, warmup 100 + cosine, clip 1.0, batch 32.
+    /// - `sasrec-paper`: Kang & McAuley's setting: d 50, 2 blocks, 1 head, dropout 0.2, L 200, batch 128,
+    ///   Adam lr 1e-3 (β₂ 0.98), constant lr, no clipping, every-position BCE, all ratings kept.
+    pub fn preset(name: &str) -> Result<Config, String> {
+        let mut c = Config { seed: 42, data: DataConfig::default(), sasrec: SasRecConfig::default(),
+                             train: TrainConfig::default(), eval: EvalConfig::default() };
+        match name {
+            "default" => {
+                c.sasrec = SasRecConfig { hidden: 64, blocks: 2, heads: 2, ffn: 64, dropout: 0.2, max_len: 50,
+                                          norm: NormPlacement::Pre, scale_embedding: true, layer_norm_eps: 1e-8 };
+                c.train.epochs = 30;
+                c.train.batch_size = 128;
+                c.train.schedule = Schedule::Constant;
+                c.train.warmup_steps = 0;
+                c.train.beta2 = 0.98;
+                c.train.weight_decay = 0.0;
+                c.train.clip_norm = 0.0;
+                c.train.eval_every = 5;
+                c.train.patience = 0;
+            }
+            "ur4rec" => {
+                c.train.batch_size = 32;
+                c.train.epochs = 10;
+                c.data.min_rating = 4.0;
+                c.eval.batch_size = 64;
+            }
+            "sasrec-paper" => {
+                c.sasrec = SasRecConfig { hidden: 50, blocks: 2, heads: 1, ffn: 50, dropout: 0.2, max_len: 200,
+                                          norm: NormPlacement::Pre, scale_embedding: true, layer_norm_eps: 1e-8 };
+                c.data.min_rating = -1.0;
+                c.train.epochs = 200;
+                c.train.batch_size = 128;
+                c.train.schedule = Schedule::Constant;
+                c.train.warmup_steps = 0;
+                c.train.beta2 = 0.98;
+                c.train.weight_decay = 0.0;
+                c.train.clip_norm = 0.0;
+                c.train.eval_every = 20;
+                c.train.patience = 0;
+            }
+            other => return Err(format!("unknown preset {other:?}; choose one of {:?}", Self::PRESETS)),
+        }
+        Ok(c)
+    }
+
+    /// Reads a TOML file; its `preset = "..."` key (if any) is applied first, then the file's values.
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut table: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = match table.remove("preset") {
+            Some(toml::Value::String(p)) => Config::preset(&p).map_err(|e| format!("{}: {e}", path.display()))?,
+            Some(v) => return Err(format!("{}: preset must be a string, found {v}", path.display())),
+            None => Config::preset("default")?,
+        };
+        let mut merged = toml::Value::try_from(&base).map_err(|e| e.to_string())?;
+        merge(&mut merged, toml::Value::Table(table));
+        merged.try_into().map_err(|e: toml::de::Error| format!("{}: {}", path.display(), e.message()))
+    }
+
+    /// Applies `section.key=value` overrides (TOML syntax for the value; bare words are strings).
+    pub fn apply_overrides(&mut self, overrides: &[String]) -> Result<(), String> {
+        let mut merged = toml::Value::try_from(&*self).map_err(|e| e.to_string())?;
+        for o in overrides {
+            let (key, raw) = o.split_once('=').ok_or_else(|| format!("override {o:?}: expected key=value"))?;
+            let value: toml::Value = match format!("v = {raw}").parse::<toml::Table>() {
+                Ok(mut t) => t.remove("v").unwrap(),
+                Err(_) => toml::Value::String(raw.to_string()),
+            };
+            let mut patch = value;
+            for part in key.trim().split('.').rev() {
+                let mut t = toml::Table::new();
+                t.insert(part.to_string(), patch);
+                patch = toml::Value::Table(t);
+            }
+            merge(&mut merged, patch);
+        }
+        *self = merged.try_into().map_err(|e: toml::de::Error| format!("override: {}", e.message()))?;
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+fn merge(base: &mut toml::Value, patch: toml::Value) {
+    match (base, patch) {
+        (toml::Value::Table(b), toml::Value::Table(p)) => {
+            for (k, v) in p {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_resolve_and_overrides_apply() {
+        for p in Config::PRESETS {
+            Config::preset(p).unwrap();
+        }
+        let mut c = Config::preset("sasrec-paper").unwrap();
+        assert_eq!(c.sasrec.hidden, 50);
+        c.apply_overrides(&["train.epochs=3".into(), "sasrec.norm=post".into(), "data.source=foo/bar".into()]).unwrap();
+        assert_eq!(c.train.epochs, 3);
+        assert_eq!(c.sasrec.norm, NormPlacement::Post);
+        assert_eq!(c.data.source, "foo/bar");
+        assert!(c.apply_overrides(&["train.epochz=3".into()]).unwrap_err().contains("epochz"));
+    }
+
+    #[test]
+    fn toml_round_trip_and_unknown_keys_rejected() {
+        let c = Config::preset("ur4rec").unwrap();
+        let dir = std::env::temp_dir().join(format!("ur4rec-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, c.to_toml()).unwrap();
+        assert_eq!(Config::from_file(&p).unwrap(), c);
+        std::fs::write(&p, "preset = \"sasrec-paper\"\n[train]\nepochs = 7\nbogus = 1\n").unwrap();
+        let e = Config::from_file(&p).unwrap_err();
+        assert!(e.contains("bogus") && e.contains("c.toml"), "{e}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Models: SASRec now; the preference retriever and UR4Rec scoring join it in `retriever.rs` / `ur4rec.rs`.
+pub mod sasrec;
+
+pub use sasrec::SasRec;

@@ -1,0 +1,4 @@
+//! Training: batches, objectives, optimizer, schedule and the trainer loop.
+pub mod batch;
+pub mod optim;
+pub mod schedule;
