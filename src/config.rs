@@ -193,14 +193,15 @@ impl Config {
         Ok(c)
     }
 
-    /// Reads a TOML file; its `preset = "..."` key (if any) is applied first, then the file's values.
-    pub fn from_file(path: &Path) -> Result<Config, String> {
+    /// Reads a TOML file over a base preset: the file's own `preset = "..."` key if it has one, else
+    /// `default_preset`; then the file's values.
+    pub fn from_file(path: &Path, default_preset: &str) -> Result<Config, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut table: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
         let base = match table.remove("preset") {
             Some(toml::Value::String(p)) => Config::preset(&p).map_err(|e| format!("{}: {e}", path.display()))?,
             Some(v) => return Err(format!("{}: preset must be a string, found {v}", path.display())),
-            None => Config::preset("default")?,
+            None => Config::preset(default_preset)?,
         };
         let mut merged = toml::Value::try_from(&base).map_err(|e| e.to_string())?;
         merge(&mut merged, toml::Value::Table(table));
@@ -274,9 +275,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("c.toml");
         std::fs::write(&p, c.to_toml()).unwrap();
-        assert_eq!(Config::from_file(&p).unwrap(), c);
+        assert_eq!(Config::from_file(&p, "default").unwrap(), c);
         std::fs::write(&p, "preset = \"sasrec-paper\"\n[train]\nepochs = 7\nbogus = 1\n").unwrap();
-        let e = Config::from_file(&p).unwrap_err();
+        let e = Config::from_file(&p, "default").unwrap_err();
         assert!(e.contains("bogus") && e.contains("c.toml"), "{e}");
     }
 }

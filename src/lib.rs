@@ -15,3 +15,6 @@ pub mod tape;
 pub mod config;
 pub mod model;
 pub mod train;
+pub mod ranking;
+pub mod checkpoint;
+pub mod report;

@@ -1,3 +1,189 @@
+//! `ur4rec-engine`: the command line.
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use ur4rec_engine::backend::{cuda, Backend, CpuBackend};
+use ur4rec_engine::config::Config;
+use ur4rec_engine::params::ParamBuilder;
+use ur4rec_engine::report::{default_run_dir, RunDir};
+use ur4rec_engine::rng::Rng;
+use ur4rec_engine::train::trainer::{train_sasrec, PreparedData, RunOptions};
+
+#[derive(Parser)]
+#[command(name = "ur4rec-engine", version, about = "Train UR4Rec / SASRec on a Rust autograd tape (CPU and CUDA backends)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model and evaluate it on the test split; writes a run directory.
+    Train(TrainArgs),
+    /// Print the compute device found (or why none is used) and, with --params, the parameter names.
+    Info(InfoArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Configuration preset: default (small, synthetic-friendly), ur4rec (the UR4Rec reference settings),
+    /// sasrec-paper (Kang & McAuley's settings).
+    #[arg(long)]
+    preset: Option<String>,
+    /// TOML configuration file (its `preset` key, if any, is applied first; --preset overrides it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// `synthetic` (built-in data set) or a data file / directory (u.data, ratings.dat, *.inter, *.txt).
+    #[arg(long)]
+    data: Option<String>,
+    /// Data file format when the file name does not tell: movielens, movielens-dat, sasrec, sasrec-lists, recbole.
+    #[arg(long)]
+    format: Option<String>,
+    /// Run directory (default runs/<data>-<time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N. `auto` uses a GPU when one is usable and says why not otherwise.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// CPU worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Configuration overrides, `section.key=value` (e.g. train.lr=5e-4 sasrec.norm=post).
+    overrides: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    /// List the stable parameter names (for unfreezing schedules) of the configured model.
+    #[arg(long)]
+    params: bool,
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Number of items of the data set the model is sized for.
+    #[arg(long, default_value_t = 1000)]
+    items: usize,
+}
+
+fn resolve_config(preset: &Option<String>, file: &Option<PathBuf>) -> Result<Config> {
+    let base = preset.as_deref().unwrap_or("default");
+    match file {
+        Some(f) => Config::from_file(f, base),
+        None => Config::preset(base),
+    }
+    .map_err(anyhow::Error::msg)
+}
+
+/// Picks the backend; only the CPU backend exists in this build, so `cuda` is an error and `auto` says why
+/// it falls back.
+fn choose_device(device: &str) -> Result<CpuBackend> {
+    let d = device.trim().to_ascii_lowercase();
+    let ordinal = |s: &str| -> Result<usize> {
+        match s.strip_prefix("cuda:") {
+            Some(n) => n.parse().with_context(|| format!("--device {device}: bad GPU ordinal")),
+            None => Ok(0),
+        }
+    };
+    match d.as_str() {
+        "cpu" => Ok(CpuBackend::new()),
+        "auto" => {
+            let why = match cuda::probe(0) {
+                Ok(gpu) => format!("GPU {} found, but {}", gpu.name, cuda::CudaUnavailable::NotImplemented),
+                Err(e) => e.to_string(),
+            };
+            eprintln!("device: cpu ({why})");
+            Ok(CpuBackend::new())
+        }
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n = ordinal(s)?;
+            match cuda::probe(n) {
+                Ok(_) => bail!("--device {device}: {}", cuda::CudaUnavailable::NotImplemented),
+                Err(e) => bail!("--device {device}: {e}"),
+            }
+        }
+        _ => bail!("--device {device}: expected auto, cpu, cuda or cuda:N"),
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let mut cfg = resolve_config(&args.preset, &args.config)?;
+    if let Some(d) = &args.data {
+        cfg.data.source = d.clone();
+    }
+    if let Some(f) = &args.format {
+        cfg.data.format = f.clone();
+    }
+    if let Some(e) = args.epochs {
+        cfg.train.epochs = e;
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    cfg.apply_overrides(&args.overrides).map_err(anyhow::Error::msg)?;
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
+    }
+    let backend = choose_device(&args.device)?;
+    let data = PreparedData::from_config(&cfg)?;
+    let out = args.out.clone().unwrap_or_else(|| default_run_dir(&data.dataset.name));
+    let mut run = RunDir::create(&out).with_context(|| format!("creating run directory {}", out.display()))?;
+    run.write("config.toml", cfg.to_toml().as_bytes())?;
+    let manifest = serde_json::json!({
+        "engine": env!("CARGO_PKG_VERSION"),
+        "device": backend.name(),
+        "dataset": data.dataset.name,
+        "dataset_fingerprint": data.dataset.fingerprint,
+        "users": data.dataset.num_users,
+        "items": data.dataset.num_items,
+        "eval_negatives": cfg.eval.negatives,
+        "eval_negatives_fingerprint": data.eval_negatives_fingerprint,
+        "seed": cfg.seed,
+    });
+    run.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    eprintln!("data {}: {} users, {} items; run directory {}", data.dataset.name, data.dataset.num_users,
+              data.dataset.num_items, out.display());
+    let summary = train_sasrec(&backend, &cfg, &data, &mut run, &RunOptions { quiet: args.quiet })?;
+    run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    println!("{summary}");
+    println!("run directory: {}", out.display());
+    Ok(())
+}
+
+fn info(args: InfoArgs) -> Result<()> {
+    match cuda::probe(0) {
+        Ok(gpu) => println!("GPU: {} ({} device(s)); {}", gpu.name, gpu.device_count, cuda::CudaUnavailable::NotImplemented),
+        Err(e) => println!("GPU: none — {e}"),
+    }
+    println!("CPU: {} threads", rayon::current_num_threads());
+    if args.params {
+        let cfg = resolve_config(&args.preset, &args.config)?;
+        let mut b = ParamBuilder::new();
+        let mut rng = Rng::new(0);
+        ur4rec_engine::model::SasRec::new(&mut b, &cfg.sasrec, args.items, &mut rng);
+        let store = b.build(&CpuBackend::new());
+        for p in &store.infos {
+            println!("{:<48} {:>10} {:?} group={}", p.name, p.len, p.shape, store.groups[p.group].name);
+        }
+    }
+    Ok(())
+}
+
 fn main() {
-    println!("ur4rec-engine: under construction");
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Train(a) => train(a),
+        Command::Info(a) => info(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

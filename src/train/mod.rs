@@ -2,3 +2,5 @@
 pub mod batch;
 pub mod optim;
 pub mod schedule;
+pub mod objective;
+pub mod trainer;

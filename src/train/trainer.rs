@@ -1,0 +1,258 @@
+//! The SASRec training loop: epochs over shuffled users, AdamW steps, periodic validation with early
+//! stopping on validation NDCG@10 (sampled), the best checkpoint kept and reloaded, then the test
+//! evaluation under both protocols.
+use crate::backend::Backend;
+use crate::checkpoint;
+use crate::config::Config;
+use crate::data::negatives::NegativeSampler;
+use crate::data::{self, Dataset, Split};
+use crate::eval::Metrics;
+use crate::model::SasRec;
+use crate::params::{ParamBuilder, ParamStore};
+use crate::ranking::{evaluate_sasrec, EvalResult, EvalTarget};
+use crate::report::RunDir;
+use crate::rng::Rng;
+use crate::tape::Tape;
+use crate::train::objective::sasrec_loss;
+use crate::train::optim::AdamW;
+use crate::train::schedule::lr_factor;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// A data set made ready for training: the split, the frozen evaluation negatives and the sampler.
+pub struct PreparedData {
+    pub dataset: Dataset,
+    pub split: Split,
+    pub eval_negatives: Vec<Vec<u32>>,
+    pub eval_negatives_fingerprint: String,
+    pub sampler: NegativeSampler,
+}
+
+impl PreparedData {
+    pub fn from_config(cfg: &Config) -> Result<PreparedData> {
+        let dataset = if cfg.data.source == "synthetic" {
+            let syn = data::SyntheticConfig { users: cfg.data.synthetic_users, items: cfg.data.synthetic_items, seed: cfg.seed,
+                                              ..Default::default() };
+            data::synthetic(&syn)
+        } else {
+            let opts = data::LoadOptions {
+                format: if cfg.data.format.is_empty() { None } else { Some(data::readers::parse_format(&cfg.data.format)?) },
+                min_rating: (cfg.data.min_rating >= 0.0).then_some(cfg.data.min_rating),
+                min_items_per_user: cfg.data.min_items_per_user,
+            };
+            data::load(std::path::Path::new(&cfg.data.source), &opts)?
+        };
+        Self::from_dataset(dataset, cfg)
+    }
+
+    pub fn from_dataset(dataset: Dataset, cfg: &Config) -> Result<PreparedData> {
+        let split = data::leave_one_out(&dataset)?;
+        let eval_negatives = data::split::eval_negatives(&dataset, cfg.seed, cfg.eval.negatives)?;
+        let eval_negatives_fingerprint = data::split::fingerprint_negatives(&eval_negatives);
+        let sampler = NegativeSampler::new(dataset.num_items, &split.train)?;
+        Ok(PreparedData { dataset, split, eval_negatives, eval_negatives_fingerprint, sampler })
+    }
+
+    /// Hit@10 of a random ranking under the sampled protocol.
+    pub fn sampled_chance_hit10(&self, negatives: usize) -> f64 {
+        (10.0 / (negatives + 1) as f64).min(1.0)
+    }
+}
+
+#[derive(Serialize)]
+struct StepRecord<'a> {
+    kind: &'a str,
+    epoch: usize,
+    step: usize,
+    loss: f32,
+    lr: f32,
+    grad_norm: f64,
+}
+
+#[derive(Serialize)]
+struct EvalRecord<'a> {
+    kind: &'a str,
+    epoch: usize,
+    step: usize,
+    split: &'a str,
+    sampled: &'a Metrics,
+    full: &'a Option<Metrics>,
+    train_loss: f64,
+    sequences_per_s: f64,
+    tokens_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub dataset: String,
+    pub users: usize,
+    pub items: usize,
+    pub parameters: usize,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub best_valid: Metrics,
+    pub test: EvalResult,
+    pub chance_hit10_sampled: f64,
+    pub train_seconds: f64,
+    pub sequences_per_s: f64,
+    pub tokens_per_s: f64,
+    pub wall_seconds: f64,
+}
+
+impl std::fmt::Display for TrainSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "data {}: {} users, {} items; {} parameters", self.dataset, self.users, self.items, self.parameters)?;
+        writeln!(f, "trained {} epochs in {:.1} s ({:.0} sequences/s, {:.0} tokens/s); best validation at epoch {}",
+                 self.epochs_run, self.train_seconds, self.sequences_per_s, self.tokens_per_s, self.best_epoch)?;
+        writeln!(f, "test, sampled (target + negatives): {}", self.test.sampled)?;
+        writeln!(f, "  chance level Hit@10 = {:.4}", self.chance_hit10_sampled)?;
+        if let Some(full) = &self.test.full {
+            writeln!(f, "test, full ranking (history masked): {full}")?;
+        }
+        write!(f, "wall time {:.1} s", self.wall_seconds)
+    }
+}
+
+/// What one training step did.
+pub struct StepOutcome {
+    pub loss: f32,
+    pub grad_norm: f64,
+    pub sequences: usize,
+    pub tokens: usize,
+}
+
+/// One SASRec training step on `users` (0-based): forward on a fresh tape, backward, AdamW.
+/// Returns `None` when no user in the batch has a training pair.
+#[allow(clippy::too_many_arguments)]
+pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store: &mut ParamStore<B>, opt: &mut AdamW,
+                               data: &PreparedData, users: &[usize], rng: &mut Rng, step: usize, lr: f32)
+                               -> Result<Option<StepOutcome>> {
+    let t = &cfg.train;
+    let mut tape = Tape::new(backend, cfg.seed, step as u64);
+    let vars = model.bind(&mut tape, store);
+    let Some(bl) = sasrec_loss(&mut tape, model, &vars, &data.split.train, users, &data.sampler, rng, t.objective,
+                               t.negatives) else { return Ok(None) };
+    let loss = tape.scalar(bl.loss);
+    if !loss.is_finite() {
+        bail!("non-finite training loss {loss} at step {step} (tensor: sasrec loss)");
+    }
+    store.zero_grads(backend);
+    tape.backward(bl.loss, &mut store.grads);
+    drop(tape);
+    let reports = opt.step(backend, store, &[lr], t.clip_norm);
+    let grad_norm = reports.first().map(|r| r.grad_norm).unwrap_or(0.0);
+    if !grad_norm.is_finite() {
+        bail!("non-finite gradient norm at step {step} (parameter group sasrec)");
+    }
+    Ok(Some(StepOutcome { loss, grad_norm, sequences: bl.sequences, tokens: bl.tokens }))
+}
+
+/// Options that do not belong in the run configuration.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// No progress bar (tests, benchmarks).
+    pub quiet: bool,
+}
+
+/// Trains SASRec as configured and writes the run directory.
+pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, run: &mut RunDir, opts: &RunOptions)
+                                -> Result<TrainSummary> {
+    let wall = Instant::now();
+    let t = &cfg.train;
+    let mut init_rng = Rng::derive(cfg.seed, "init");
+    let mut builder = ParamBuilder::new();
+    let model = SasRec::new(&mut builder, &cfg.sasrec, data.dataset.num_items, &mut init_rng);
+    let mut store = builder.build(backend);
+    let mut opt = AdamW::new(store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
+    let mut rng = Rng::derive(cfg.seed, "train");
+    let users = data.split.train.len();
+    let bs = t.batch_size.max(1);
+    let steps_per_epoch = users.div_ceil(bs);
+    let total_steps = steps_per_epoch * t.epochs;
+    let best_path = run.file("best.safetensors");
+    let mut best: Option<(usize, Metrics)> = None;
+    let mut since_best = 0usize;
+    let mut step = 0usize;
+    let (mut train_secs, mut seqs_done, mut tokens_done) = (0.0f64, 0usize, 0usize);
+    let mut epochs_run = 0;
+    let bar = if opts.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps as u64) };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let mut order: Vec<usize> = (0..users).collect();
+    for epoch in 1..=t.epochs {
+        epochs_run = epoch;
+        rng.shuffle(&mut order);
+        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
+        let epoch_start = Instant::now();
+        let (mut ep_seqs, mut ep_tokens) = (0usize, 0usize);
+        for chunk in order.chunks(bs) {
+            let lr = t.lr * lr_factor(t.schedule, step, total_steps, t.warmup_steps);
+            let Some(o) = sasrec_step(backend, cfg, &model, &mut store, &mut opt, data, chunk, &mut rng, step, lr)
+                .with_context(|| format!("epoch {epoch}"))? else { continue };
+            let (loss, grad_norm) = (o.loss, o.grad_norm);
+            loss_sum += loss as f64;
+            loss_n += 1;
+            ep_seqs += o.sequences;
+            ep_tokens += o.tokens;
+            if t.log_every > 0 && step % t.log_every == 0 {
+                run.log(&StepRecord { kind: "step", epoch, step, loss, lr, grad_norm })?;
+            }
+            step += 1;
+            bar.inc(1);
+            let secs = epoch_start.elapsed().as_secs_f64();
+            bar.set_message(format!("epoch {epoch} loss {:.4}  {:.0} seq/s", loss_sum / loss_n as f64, ep_seqs as f64 / secs.max(1e-9)));
+        }
+        let secs = epoch_start.elapsed().as_secs_f64();
+        train_secs += secs;
+        seqs_done += ep_seqs;
+        tokens_done += ep_tokens;
+        let evaluate_now = t.eval_every > 0 && (epoch % t.eval_every == 0 || epoch == t.epochs);
+        if !evaluate_now {
+            continue;
+        }
+        let valid = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval)?;
+        run.log(&EvalRecord { kind: "eval", epoch, step, split: "valid", sampled: &valid.sampled, full: &valid.full,
+                              train_loss: loss_sum / loss_n.max(1) as f64, sequences_per_s: ep_seqs as f64 / secs,
+                              tokens_per_s: ep_tokens as f64 / secs })?;
+        run.flush()?;
+        bar.println(format!("epoch {epoch:>4}  loss {:.4}  valid {}", loss_sum / loss_n.max(1) as f64, valid.sampled));
+        let improved = best.as_ref().is_none_or(|(_, m)| valid.sampled.ndcg10 > m.ndcg10);
+        if improved {
+            best = Some((epoch, valid.sampled.clone()));
+            since_best = 0;
+            let meta = HashMap::from([("epoch".to_string(), epoch.to_string()), ("step".to_string(), step.to_string())]);
+            checkpoint::save_params(backend, &store, &best_path, meta)?;
+        } else {
+            since_best += 1;
+            if t.patience > 0 && since_best >= t.patience {
+                bar.println(format!("early stop: no better validation NDCG@10 for {since_best} evaluations"));
+                break;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let (best_epoch, best_valid) = best.context("no validation was run (train.eval_every = 0?)")?;
+    checkpoint::load_params(backend, &mut store, &best_path)?;
+    let test = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval)?;
+    run.log(&EvalRecord { kind: "eval", epoch: best_epoch, step, split: "test", sampled: &test.sampled, full: &test.full,
+                          train_loss: f64::NAN, sequences_per_s: 0.0, tokens_per_s: 0.0 })?;
+    run.flush()?;
+    Ok(TrainSummary {
+        dataset: data.dataset.name.clone(),
+        users: data.dataset.num_users,
+        items: data.dataset.num_items,
+        parameters: store.len(),
+        epochs_run,
+        best_epoch,
+        best_valid,
+        test,
+        chance_hit10_sampled: data.sampled_chance_hit10(cfg.eval.negatives),
+        train_seconds: train_secs,
+        sequences_per_s: seqs_done as f64 / train_secs.max(1e-9),
+        tokens_per_s: tokens_done as f64 / train_secs.max(1e-9),
+        wall_seconds: wall.elapsed().as_secs_f64(),
+    })
+}
+
