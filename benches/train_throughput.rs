@@ -14,6 +14,11 @@ use ur4rec_engine::rng::Rng;
 use ur4rec_engine::train::optim::AdamW;
 use ur4rec_engine::train::trainer::{sasrec_step, PreparedData};
 
+// Per-step activations are freed and reallocated every step; mimalloc reuses them without the page
+// faults glibc's mmap threshold causes for large buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let path = std::path::Path::new("../shared/data/ml-100k/u.data");
     if !path.exists() {

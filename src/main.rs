@@ -9,6 +9,11 @@ use ur4rec_engine::report::{default_run_dir, RunDir};
 use ur4rec_engine::rng::Rng;
 use ur4rec_engine::train::trainer::{train_sasrec, PreparedData, RunOptions};
 
+// Per-step activations are freed and reallocated every step; mimalloc reuses them without the page
+// faults glibc's mmap threshold causes for large buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "ur4rec-engine", version, about = "Train UR4Rec / SASRec on a Rust autograd tape (CPU and CUDA backends)")]
 struct Cli {

@@ -19,8 +19,19 @@ pub fn mix64(mut z: u64) -> u64 {
 /// Uniform in [0, 1) from `(seed, step, element)`, stateless. 24 random bits, exactly representable.
 #[inline]
 pub fn counter_uniform(seed: u64, step: u64, element: u64) -> f32 {
-    let h = mix64(mix64(seed ^ mix64(step)) ^ element);
-    (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    counter_uniform_at(counter_base(seed, step), element)
+}
+
+/// The per-(seed, step) part of [`counter_uniform`], hoisted out of element loops.
+#[inline]
+pub fn counter_base(seed: u64, step: u64) -> u64 {
+    mix64(seed ^ mix64(step))
+}
+
+/// [`counter_uniform`] given its precomputed [`counter_base`]: one mix per element.
+#[inline]
+pub fn counter_uniform_at(base: u64, element: u64) -> f32 {
+    (mix64(base ^ element) >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
 /// xoshiro256++ (Blackman & Vigna), seeded through SplitMix64.

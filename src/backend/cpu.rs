@@ -4,7 +4,7 @@
 //! by one thread in a fixed order and results do not depend on the thread count. Matrix products go to
 //! `matrixmultiply` (one call per row block).
 use super::{AdamWStep, Backend, DropoutKey, SeqLayout};
-use crate::rng::counter_uniform;
+use crate::rng::{counter_base, counter_uniform_at};
 use rayon::prelude::*;
 
 /// Rows per rayon task for row-wise ops; small enough to balance, large enough to amortise scheduling.
@@ -37,9 +37,57 @@ pub(crate) fn softplus_scalar(x: f32) -> f32 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
+/// Elements per rayon task for elementwise ops: big enough that scheduling is noise, and the inner loop
+/// is a plain slice loop the compiler vectorises.
+const ELEM_CHUNK: usize = 16 * 1024;
+
+/// `out[i] = f(x[i])` in parallel chunks.
+fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(ELEM_CHUNK).zip(x.par_chunks(ELEM_CHUNK)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = f(x);
+        }
+    });
+    out
+}
+
+/// `out[i] = f(a[i], b[i])` in parallel chunks.
+fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "elementwise op: lengths differ");
+    let mut out = vec![0.0f32; a.len()];
+    out.par_chunks_mut(ELEM_CHUNK).zip(a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK))).for_each(|(o, (a, b))| {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
+        }
+    });
+    out
+}
+
+/// `d[i] += f(a[i], b[i])` in parallel chunks (gradient accumulation).
+fn acc2(d: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    assert!(a.len() == d.len() && b.len() == d.len(), "elementwise backward: lengths differ");
+    d.par_chunks_mut(ELEM_CHUNK).zip(a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK))).for_each(|(d, (a, b))| {
+        for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+            *d += f(a, b);
+        }
+    });
+}
+
+/// `d[i] += f(i, a[i])` in parallel chunks, with the global element index (dropout masks).
+fn acc1_indexed(d: &mut [f32], a: &[f32], f: impl Fn(usize, f32) -> f32 + Sync) {
+    assert_eq!(a.len(), d.len(), "elementwise backward: lengths differ");
+    d.par_chunks_mut(ELEM_CHUNK).zip(a.par_chunks(ELEM_CHUNK)).enumerate().for_each(|(c, (d, a))| {
+        for (i, (d, &a)) in d.iter_mut().zip(a).enumerate() {
+            *d += f(c * ELEM_CHUNK + i, a);
+        }
+    });
+}
+
+/// Dropout's keep-and-scale factor for element `e`: `1/(1−p)` or 0.
 #[inline]
-fn dropout_keep(key: &DropoutKey, e: usize) -> bool {
-    counter_uniform(key.seed, key.stream, e as u64) >= key.p
+fn dropout_factor(base: u64, p: f32, scale: f32, e: usize) -> f32 {
+    if counter_uniform_at(base, e as u64) >= p { scale } else { 0.0 }
 }
 
 /// One single-threaded strided product, `C = alpha·A·B + beta·C` with explicit strides.
@@ -135,12 +183,7 @@ impl Backend for CpuBackend {
         dst[offset..offset + src.len()].copy_from_slice(src);
     }
     fn axpy(&self, y: &mut Vec<f32>, a: f32, x: &Vec<f32>) {
-        assert_eq!(y.len(), x.len());
-        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
-            for (y, x) in y.iter_mut().zip(x) {
-                *y += a * *x;
-            }
-        });
+        acc1_indexed(y, x, |_, x| a * x);
     }
     fn fill(&self, x: &mut Vec<f32>, value: f32) {
         x.iter_mut().for_each(|v| *v = value);
@@ -237,57 +280,53 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
-        assert_eq!(a.len(), b.len());
-        a.par_iter().zip(b.par_iter()).map(|(x, y)| x + y).collect()
+        map2(a, b, |x, y| x + y)
     }
     fn mul(&self, a: &Vec<f32>, b: &Vec<f32>) -> Vec<f32> {
-        assert_eq!(a.len(), b.len());
-        a.par_iter().zip(b.par_iter()).map(|(x, y)| x * y).collect()
+        map2(a, b, |x, y| x * y)
     }
     fn mul_acc(&self, dx: &mut Vec<f32>, dy: &Vec<f32>, other: &Vec<f32>) {
-        dx.par_iter_mut().zip(dy.par_iter().zip(other.par_iter())).for_each(|(d, (g, o))| *d += g * o);
+        acc2(dx, dy, other, |g, o| g * o);
     }
     fn scale(&self, x: &Vec<f32>, c: f32) -> Vec<f32> {
-        x.par_iter().map(|v| v * c).collect()
+        map1(x, |v| v * c)
     }
     fn relu(&self, x: &Vec<f32>) -> Vec<f32> {
-        x.par_iter().map(|v| v.max(0.0)).collect()
+        map1(x, |v| v.max(0.0))
     }
     fn relu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
-        dx.par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).for_each(|(d, (x, g))| {
-            if *x > 0.0 {
-                *d += g
-            }
-        });
+        acc2(dx, x, dy, |x, g| if x > 0.0 { g } else { 0.0 });
     }
     fn gelu(&self, x: &Vec<f32>) -> Vec<f32> {
-        x.par_iter().map(|&v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))).collect()
+        map1(x, |v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)))
     }
     fn gelu_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        dx.par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).for_each(|(d, (&x, g))| {
+        acc2(dx, x, dy, |x, g| {
             let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
             let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
-            *d += g * (cdf + x * pdf);
+            g * (cdf + x * pdf)
         });
     }
     fn softplus(&self, x: &Vec<f32>) -> Vec<f32> {
-        x.par_iter().map(|&v| softplus_scalar(v)).collect()
+        map1(x, softplus_scalar)
     }
     fn softplus_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
-        dx.par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).for_each(|(d, (&x, g))| *d += g * sigmoid(x));
+        acc2(dx, x, dy, |x, g| g * sigmoid(x));
     }
     fn dropout(&self, x: &Vec<f32>, key: DropoutKey) -> Vec<f32> {
-        let s = 1.0 / (1.0 - key.p);
-        x.par_iter().enumerate().map(|(e, v)| if dropout_keep(&key, e) { v * s } else { 0.0 }).collect()
-    }
-    fn dropout_backward(&self, dy: &Vec<f32>, key: DropoutKey, dx: &mut Vec<f32>) {
-        let s = 1.0 / (1.0 - key.p);
-        dx.par_iter_mut().zip(dy.par_iter()).enumerate().for_each(|(e, (d, g))| {
-            if dropout_keep(&key, e) {
-                *d += g * s
+        let (base, s) = (counter_base(key.seed, key.stream), 1.0 / (1.0 - key.p));
+        let mut out = vec![0.0f32; x.len()];
+        out.par_chunks_mut(ELEM_CHUNK).zip(x.par_chunks(ELEM_CHUNK)).enumerate().for_each(|(c, (o, x))| {
+            for (i, (o, &v)) in o.iter_mut().zip(x).enumerate() {
+                *o = v * dropout_factor(base, key.p, s, c * ELEM_CHUNK + i);
             }
         });
+        out
+    }
+    fn dropout_backward(&self, dy: &Vec<f32>, key: DropoutKey, dx: &mut Vec<f32>) {
+        let (base, s) = (counter_base(key.seed, key.stream), 1.0 / (1.0 - key.p));
+        acc1_indexed(dx, dy, |e, g| g * dropout_factor(base, key.p, s, e));
     }
 
     fn layer_norm(&self, x: &Vec<f32>, gamma: &Vec<f32>, beta: &Vec<f32>, cols: usize, eps: f32)
@@ -564,8 +603,7 @@ impl Backend for CpuBackend {
     }
     fn bce_logits_backward(&self, logits: &Vec<f32>, labels: &Vec<f32>, dloss: &Vec<f32>, dx: &mut Vec<f32>) {
         let scale = dloss[0] / logits.len().max(1) as f32;
-        dx.par_iter_mut().zip(logits.par_iter().zip(labels.par_iter()))
-            .for_each(|(d, (&x, &y))| *d += scale * (sigmoid(x) - y));
+        acc2(dx, logits, labels, |x, y| scale * (sigmoid(x) - y));
     }
     fn cross_entropy(&self, logits: &Vec<f32>, target: &Vec<u32>, cols: usize) -> Vec<f32> {
         let s: f64 = logits.par_chunks(cols).zip(target.par_iter()).map(|(row, &t)| {

@@ -6,7 +6,7 @@
 //! head's columns straight out of the packed `qkv` rows.
 use super::{DropoutKey, SeqLayout};
 use super::cpu::CpuBackend;
-use crate::rng::counter_uniform;
+use crate::rng::{counter_base, counter_uniform_at};
 use rayon::prelude::*;
 
 /// Split `buf` into consecutive disjoint pieces of the given lengths.
@@ -83,8 +83,8 @@ pub fn forward(qkv: &[f32], layout: &SeqLayout<CpuBackend>, d: usize, heads: usi
             match dropout {
                 None => unsafe { mm(n, n, dh, 1.0, p.as_ptr(), n as isize, 1, v, 3 * d as isize, 1, 0.0, o, d as isize) },
                 Some(key) => {
-                    let first = prob_off[s] + h * n * n;
-                    let dropped = apply_dropout(p, key, first);
+                    let f = dropout_factors(key, prob_off[s] + h * n * n, n);
+                    let dropped: Vec<f32> = p.iter().zip(&f).map(|(p, f)| p * f).collect();
                     unsafe { mm(n, n, dh, 1.0, dropped.as_ptr(), n as isize, 1, v, 3 * d as isize, 1, 0.0, o, d as isize) };
                 }
             }
@@ -93,12 +93,21 @@ pub fn forward(qkv: &[f32], layout: &SeqLayout<CpuBackend>, d: usize, heads: usi
     (out, probs)
 }
 
-/// `P ∘ mask / (1 − p)` where the mask element is keyed by its index in the whole probability buffer.
-fn apply_dropout(p: &[f32], key: DropoutKey, first: usize) -> Vec<f32> {
-    let s = 1.0 / (1.0 - key.p);
-    p.iter().enumerate().map(|(e, &v)| {
-        if counter_uniform(key.seed, key.stream, (first + e) as u64) >= key.p { v * s } else { 0.0 }
-    }).collect()
+/// Dropout factors (`1/(1−p)` or 0) of one (sequence, head) block of `n × n` attention weights, keyed by
+/// each element's index in the whole probability buffer (`first + i·n + j`). Only the causal lower
+/// triangle is drawn: the weights above the diagonal are 0 and stay 0.
+fn dropout_factors(key: DropoutKey, first: usize, n: usize) -> Vec<f32> {
+    let (base, s) = (counter_base(key.seed, key.stream), 1.0 / (1.0 - key.p));
+    let mut f = vec![0.0f32; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let e = i * n + j;
+            if counter_uniform_at(base, (first + e) as u64) >= key.p {
+                f[e] = s;
+            }
+        }
+    }
+    f
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -125,14 +134,9 @@ pub fn backward(qkv: &[f32], probs: &[f32], layout: &SeqLayout<CpuBackend>, d: u
             let k = base[d + h * dh..].as_ptr();
             let v = base[2 * d + h * dh..].as_ptr();
             let go = dout_s[h * dh..].as_ptr();
-            let dropped;
-            let p_used: &[f32] = match dropout {
-                None => p,
-                Some(key) => {
-                    dropped = apply_dropout(p, key, first);
-                    &dropped
-                }
-            };
+            let factors = dropout.map(|key| dropout_factors(key, first, n));
+            let dropped: Option<Vec<f32>> = factors.as_ref().map(|f| p.iter().zip(f).map(|(p, f)| p * f).collect());
+            let p_used: &[f32] = dropped.as_deref().unwrap_or(p);
             unsafe {
                 // dV += P'ᵀ dO
                 let dv = dqkv_s[2 * d + h * dh..].as_mut_ptr();
@@ -140,11 +144,8 @@ pub fn backward(qkv: &[f32], probs: &[f32], layout: &SeqLayout<CpuBackend>, d: u
                 // dP' = dO Vᵀ
                 mm(n, dh, n, 1.0, go, d as isize, 1, v, 1, 3 * d as isize, 0.0, dp.as_mut_ptr(), n as isize);
             }
-            if let Some(key) = dropout {
-                let sc = 1.0 / (1.0 - key.p);
-                for (e, x) in dp.iter_mut().enumerate() {
-                    if counter_uniform(key.seed, key.stream, (first + e) as u64) >= key.p { *x *= sc } else { *x = 0.0 }
-                }
+            if let Some(f) = &factors {
+                dp.iter_mut().zip(f).for_each(|(x, f)| *x *= f);
             }
             // dS = P ∘ (dP − rowsum(P ∘ dP)); masked entries have P = 0 and stay 0.
             for i in 0..n {
