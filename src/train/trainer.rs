@@ -149,6 +149,15 @@ pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store:
     Ok(Some(StepOutcome { loss, grad_norm, sequences: bl.sequences, tokens: bl.tokens }))
 }
 
+/// Prints above the progress bar, or plainly when the bar is hidden (quiet mode, not a terminal).
+fn say(bar: &indicatif::ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        bar.println(msg);
+    }
+}
+
 /// Options that do not belong in the run configuration.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -217,7 +226,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                               train_loss: loss_sum / loss_n.max(1) as f64, sequences_per_s: ep_seqs as f64 / secs,
                               tokens_per_s: ep_tokens as f64 / secs })?;
         run.flush()?;
-        bar.println(format!("epoch {epoch:>4}  loss {:.4}  valid {}", loss_sum / loss_n.max(1) as f64, valid.sampled));
+        say(&bar, format!("epoch {epoch:>4}  loss {:.4}  valid {}", loss_sum / loss_n.max(1) as f64, valid.sampled));
         let improved = best.as_ref().is_none_or(|(_, m)| valid.sampled.ndcg10 > m.ndcg10);
         if improved {
             best = Some((epoch, valid.sampled.clone()));
@@ -227,7 +236,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         } else {
             since_best += 1;
             if t.patience > 0 && since_best >= t.patience {
-                bar.println(format!("early stop: no better validation NDCG@10 for {since_best} evaluations"));
+                say(&bar, format!("early stop: no better validation NDCG@10 for {since_best} evaluations"));
                 break;
             }
         }
