@@ -182,7 +182,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `dx += scale · c[0]` for every element (the backward of a sum); `c` is a 1-element buffer so a
     /// device backend never has to read it back.
     fn add_scalar_acc(&self, dx: &mut Self::Buf, c: &Self::Buf, scale: f32);
-    /// `−log det(G)` is computed by the tape through a Cholesky factorisation on the host (the matrices
-    /// are batch-sized); the backend only needs to move them. See `Tape::logdet`.
+    /// The first element, on the host. (`log det(G)` is computed by the tape through a Cholesky
+    /// factorisation on the host — the matrices are batch-sized — so it needs no backend op.)
     fn read_scalar(&self, x: &Self::Buf) -> f32;
 }
