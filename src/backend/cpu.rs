@@ -84,6 +84,29 @@ fn acc1_indexed(d: &mut [f32], a: &[f32], f: impl Fn(usize, f32) -> f32 + Sync) 
     });
 }
 
+/// Rows per partial sum in column reductions. Fixed (not derived from the thread count), so the f64
+/// partial sums and their in-order total are identical however many threads run.
+const REDUCE_ROWS: usize = 256;
+
+/// `Σ_r f(r, acc)` over `rows` into `cols` f64 column accumulators: parallel over fixed row blocks, then
+/// the blocks' partial sums added in block order (deterministic).
+fn column_sums(rows: usize, cols: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    let partials: Vec<Vec<f64>> = (0..rows.div_ceil(REDUCE_ROWS)).into_par_iter().map(|blk| {
+        let mut acc = vec![0.0f64; cols];
+        for r in blk * REDUCE_ROWS..((blk + 1) * REDUCE_ROWS).min(rows) {
+            f(r, &mut acc);
+        }
+        acc
+    }).collect();
+    let mut total = vec![0.0f64; cols];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
 /// Dropout's keep-and-scale factor for element `e`: `1/(1−p)` or 0.
 #[inline]
 fn dropout_factor(base: u64, p: f32, scale: f32, e: usize) -> f32 {
@@ -267,13 +290,11 @@ impl Backend for CpuBackend {
 
     fn sum_rows_into(&self, x: &Vec<f32>, cols: usize, out: &mut Vec<f32>) {
         assert_eq!(out.len(), cols);
-        // Sequential over rows (fixed order => deterministic); per row a vectorisable add.
-        let mut acc = vec![0.0f64; cols];
-        for row in x.chunks(cols) {
-            for (a, v) in acc.iter_mut().zip(row) {
+        let acc = column_sums(x.len() / cols.max(1), cols, |r, acc| {
+            for (a, v) in acc.iter_mut().zip(&x[r * cols..][..cols]) {
                 *a += *v as f64;
             }
-        }
+        });
         for (o, a) in out.iter_mut().zip(acc) {
             *o += a as f32;
         }
@@ -381,22 +402,21 @@ impl Backend for CpuBackend {
             });
         }
         if dgamma.is_some() || dbeta.is_some() {
-            let mut dg = vec![0.0f64; cols];
-            let mut db = vec![0.0f64; cols];
-            for r in 0..rows {
+            // One pass: columns 0..cols accumulate dγ = Σ dy·x̂, columns cols..2cols accumulate dβ = Σ dy.
+            let sums = column_sums(rows, 2 * cols, |r, acc| {
                 let xr = &x[r * cols..][..cols];
                 let g = &dy[r * cols..][..cols];
                 for i in 0..cols {
                     let xh = (xr[i] - mean[r]) * rstd[r];
-                    dg[i] += (g[i] * xh) as f64;
-                    db[i] += g[i] as f64;
+                    acc[i] += (g[i] * xh) as f64;
+                    acc[cols + i] += g[i] as f64;
                 }
-            }
+            });
             if let Some(out) = dgamma {
-                out.iter_mut().zip(dg).for_each(|(o, v)| *o += v as f32);
+                out.iter_mut().zip(&sums[..cols]).for_each(|(o, v)| *o += *v as f32);
             }
             if let Some(out) = dbeta {
-                out.iter_mut().zip(db).for_each(|(o, v)| *o += v as f32);
+                out.iter_mut().zip(&sums[cols..]).for_each(|(o, v)| *o += *v as f32);
             }
         }
     }
