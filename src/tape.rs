@@ -42,6 +42,7 @@ enum Op<B: Backend> {
     Bce { logits: Var, labels: B::Buf },
     CrossEntropy { logits: Var, target: B::Idx, cols: usize },
     KlDiv { logits: Var, teacher: B::Buf, cols: usize },
+    InfoNceBank { q: Var, k: Var, bank: B::Buf, bank_users: B::Idx, users: B::Idx, d: usize, tau: f32 },
     Sum { x: Var },
     LogDet { g: Var, inverse: B::Buf },
 }
@@ -414,6 +415,18 @@ impl<'a, B: Backend> Tape<'a, B> {
         let y = self.backend.kl_div(self.value(logits), &t, cols);
         self.push(vec![], y, Op::KlDiv { logits, teacher: t, cols }, &[logits])
     }
+    /// InfoNCE of the rows of `q` against their positives (same rows of `k`), the other rows of `k`, and a
+    /// memory bank `[K, d]` given on the host (detached; slots of the same user are masked). All inputs
+    /// should be L2-normalised. An empty bank gives in-batch InfoNCE with the positive counted once.
+    pub fn infonce_bank(&mut self, q: Var, k: Var, bank: &[f32], bank_users: &[u32], users: &[u32], tau: f32) -> Var {
+        assert_eq!(self.shape(q), self.shape(k), "infonce_bank: q and k shapes differ");
+        let d = self.cols(q);
+        assert_eq!(numel(self.shape(q)) / d, users.len(), "infonce_bank: one user id per row");
+        assert_eq!(bank.len(), bank_users.len() * d, "infonce_bank: bank is [K, d] with K user ids");
+        let (bb, bu, us) = (self.backend.from_host(bank), self.backend.idx_from_host(bank_users), self.backend.idx_from_host(users));
+        let y = self.backend.infonce_bank(self.value(q), self.value(k), &bb, &bu, &us, d, tau);
+        self.push(vec![], y, Op::InfoNceBank { q, k, bank: bb, bank_users: bu, users: us, d, tau }, &[q, k])
+    }
     /// `mean (a − b)²`.
     pub fn mse(&mut self, a: Var, b: Var) -> Var {
         let d = self.sub(a, b);
@@ -679,6 +692,14 @@ impl<'a, B: Backend> Tape<'a, B> {
                     be.kl_div_backward(self.value(*logits), teacher, *cols, g, &mut gx);
                     self.put_grad(*logits, gx);
                 }
+            }
+            Op::InfoNceBank { q, k, bank, bank_users, users, d, tau } => {
+                let mut gq = self.take_grad(*q);
+                let mut gk = self.take_grad(*k);
+                be.infonce_bank_backward(self.value(*q), self.value(*k), bank, bank_users, users, *d, *tau, g,
+                                         gq.as_mut(), gk.as_mut());
+                if let Some(v) = gq { self.put_grad(*q, v) }
+                if let Some(v) = gk { self.put_grad(*k, v) }
             }
             Op::Sum { x } => {
                 if let Some(mut gx) = self.take_grad(*x) {

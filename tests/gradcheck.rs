@@ -927,3 +927,52 @@ fn detach_stops_the_gradient() {
     t.backward(loss, &mut Vec::new());
     assert_eq!(t.grad(lx).unwrap(), x.data);
 }
+
+/// Fused InfoNCE against a memory bank: value against a direct f64 evaluation of the logits (positive once,
+/// in-batch diagonal skipped, same-user bank slots masked, user-0 slots kept), and gradients to both the
+/// queries and the in-batch keys. Inputs are normalised on the tape, as the model does.
+#[test]
+fn infonce_bank_value_and_gradients() {
+    let mut r = rng("infonce");
+    for (b, d, kslots) in [(4usize, 6usize, 0usize), (5, 3, 7), (1, 4, 5)] {
+        let ins = [Input::randn(&mut r, &[b, d], 1.0), Input::randn(&mut r, &[b, d], 1.0)];
+        let mut bank = Vec::new();
+        for _ in 0..kslots {
+            let row: Vec<f32> = (0..d).map(|_| r.normal()).collect();
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            bank.extend(row.iter().map(|x| x / n));
+        }
+        let users: Vec<u32> = (0..b as u32).map(|i| i + 1).collect();
+        // Slot users: some match batch users (masked for that query), some are 0 (never masked).
+        let bank_users: Vec<u32> = (0..kslots as u32).map(|s| if s % 3 == 0 { 0 } else { 1 + s % (b as u32 + 1) }).collect();
+        let tau = 0.2;
+        let res = check(&format!("infonce_bank b={b} d={d} K={kslots}")).run(&ins, |t, v| {
+            let q = t.l2_normalize(v[0], 1e-12);
+            let k = t.l2_normalize(v[1], 1e-12);
+            t.infonce_bank(q, k, &bank, &bank_users, &users, tau)
+        });
+        let norm = |x: &[f32]| -> Vec<f64> {
+            let n = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            x.iter().map(|v| *v as f64 / n).collect()
+        };
+        let dot = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(x, y)| x * y).sum::<f64>() / tau as f64;
+        let mut want = 0.0;
+        for i in 0..b {
+            let qi = norm(&ins[0].data[i * d..(i + 1) * d]);
+            let mut logits = vec![dot(&qi, &norm(&ins[1].data[i * d..(i + 1) * d]))];
+            for j in (0..b).filter(|&j| j != i) {
+                logits.push(dot(&qi, &norm(&ins[1].data[j * d..(j + 1) * d])));
+            }
+            for s in 0..kslots {
+                if bank_users[s] == 0 || bank_users[s] != users[i] {
+                    let row: Vec<f64> = bank[s * d..(s + 1) * d].iter().map(|&v| v as f64).collect();
+                    logits.push(dot(&qi, &row));
+                }
+            }
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
+            want += lse - logits[0];
+        }
+        assert_close("infonce_bank value", &res.output, &[want / b as f64], 1e-5, 1e-5);
+    }
+}

@@ -673,6 +673,15 @@ impl Backend for CpuBackend {
         let s: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
         vec![(s / a.len().max(1) as f64) as f32]
     }
+    fn infonce_bank(&self, q: &Vec<f32>, k: &Vec<f32>, bank: &Vec<f32>, bank_users: &Vec<u32>, users: &Vec<u32>,
+                    d: usize, tau: f32) -> Vec<f32> {
+        vec![crate::backend::cpu_infonce::forward(q, k, bank, bank_users, users, d, tau)]
+    }
+    fn infonce_bank_backward(&self, q: &Vec<f32>, k: &Vec<f32>, bank: &Vec<f32>, bank_users: &Vec<u32>, users: &Vec<u32>,
+                             d: usize, tau: f32, dloss: &Vec<f32>, dq: Option<&mut Vec<f32>>, dk: Option<&mut Vec<f32>>) {
+        crate::backend::cpu_infonce::backward(q, k, bank, bank_users, users, d, tau, dloss[0],
+                                              dq.map(|v| v.as_mut_slice()), dk.map(|v| v.as_mut_slice()));
+    }
     fn sum_all(&self, x: &Vec<f32>) -> Vec<f32> {
         vec![x.iter().map(|&v| v as f64).sum::<f64>() as f32]
     }

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod layout;
 mod cpu_attention;
+mod cpu_infonce;
 
 pub use cpu::CpuBackend;
 pub use layout::SeqLayout;
@@ -177,6 +178,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn kl_div_backward(&self, logits: &Self::Buf, teacher: &Self::Buf, cols: usize, dloss: &Self::Buf, dx: &mut Self::Buf);
     /// `mean (a − b)²`.
     fn mse(&self, a: &Self::Buf, b: &Self::Buf) -> Self::Buf;
+    /// Fused InfoNCE of `q: [B, d]` against positives `k: [B, d]`, the other in-batch keys and a memory
+    /// `bank: [K, d]` (slots whose `bank_users` equals the query's user are masked; user 0 never is), with an
+    /// online log-sum-exp that never materialises `[B, K]` logits. See `cpu_infonce.rs` for the formula.
+    #[allow(clippy::too_many_arguments)]
+    fn infonce_bank(&self, q: &Self::Buf, k: &Self::Buf, bank: &Self::Buf, bank_users: &Self::Idx, users: &Self::Idx,
+                    d: usize, tau: f32) -> Self::Buf;
+    #[allow(clippy::too_many_arguments)]
+    fn infonce_bank_backward(&self, q: &Self::Buf, k: &Self::Buf, bank: &Self::Buf, bank_users: &Self::Idx,
+                             users: &Self::Idx, d: usize, tau: f32, dloss: &Self::Buf, dq: Option<&mut Self::Buf>,
+                             dk: Option<&mut Self::Buf>);
     /// `Σ x` as a 1-element buffer.
     fn sum_all(&self, x: &Self::Buf) -> Self::Buf;
     /// `dx += scale · c[0]` for every element (the backward of a sum); `c` is a 1-element buffer so a
