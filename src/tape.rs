@@ -24,6 +24,7 @@ enum Op<B: Backend> {
     Mul { a: Var, b: Var },
     ConcatCols { a: Var, b: Var, ca: usize, cb: usize },
     Scale { x: Var, c: f32 },
+    Reshape { x: Var },
     AddBias { x: Var, b: Var, cols: usize },
     GatherRows { table: Var, idx: B::Idx, cols: usize, skip: Option<u32> },
     LayerNorm { x: Var, g: Var, b: Var, mean: B::Buf, rstd: B::Buf, cols: usize },
@@ -224,6 +225,20 @@ impl<'a, B: Backend> Tape<'a, B> {
         let y = self.backend.mul(self.value(a), self.value(b));
         self.push(self.shape(a).to_vec(), y, Op::Mul { a, b }, &[a, b])
     }
+    /// The same values under another shape with as many elements.
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Var {
+        assert_eq!(numel(shape), numel(self.shape(x)), "reshape: {:?} -> {shape:?}", self.shape(x));
+        let y = self.backend.copy_range(self.value(x), 0, numel(shape));
+        self.push(shape.to_vec(), y, Op::Reshape { x }, &[x])
+    }
+    /// `a + c·I` for a square matrix `a` (e.g. the ε·I of a Gram matrix).
+    pub fn add_identity(&mut self, a: Var, c: f32) -> Var {
+        let s = self.shape(a).to_vec();
+        assert!(s.len() == 2 && s[0] == s[1], "add_identity: square matrix expected, got {s:?}");
+        let eye: Vec<f32> = (0..s[0] * s[0]).map(|i| if i % (s[0] + 1) == 0 { c } else { 0.0 }).collect();
+        let e = self.constant(&s, &eye);
+        self.add(a, e)
+    }
     /// `[a | b]` along the last dimension of two `[R, ·]` tensors.
     pub fn concat_cols(&mut self, a: Var, b: Var) -> Var {
         let (ca, cb) = (self.cols(a), self.cols(b));
@@ -261,6 +276,17 @@ impl<'a, B: Backend> Tape<'a, B> {
         let n = self.scale(x, -1.0);
         let s = self.softplus(n);
         self.scale(s, -1.0)
+    }
+    /// `σ(x)`, composed as `softmax([x, 0])₀` per element (no backend op of its own; used by gated fusion).
+    pub fn sigmoid(&mut self, x: Var) -> Var {
+        let shape = self.shape(x).to_vec();
+        let n = numel(&shape);
+        let col = self.reshape(x, &[n, 1]);
+        let zeros = self.constant(&[n, 1], &vec![0.0; n]);
+        let pair = self.concat_cols(col, zeros);
+        let sm = self.softmax(pair);
+        let first = self.gather_cols(sm, &vec![0; n], 1);
+        self.reshape(first, &shape)
     }
     /// Inverted dropout with probability `p` (identity in evaluation mode).
     pub fn dropout(&mut self, x: Var, p: f32) -> Var {
@@ -563,6 +589,12 @@ impl<'a, B: Backend> Tape<'a, B> {
                 be.split_cols_acc(g, *ca, *cb, ga.as_mut(), gb.as_mut());
                 if let Some(v) = ga { self.put_grad(*a, v) }
                 if let Some(v) = gb { self.put_grad(*b, v) }
+            }
+            Op::Reshape { x } => {
+                if let Some(mut gx) = self.take_grad(*x) {
+                    be.axpy(&mut gx, 1.0, g);
+                    self.put_grad(*x, gx);
+                }
             }
             Op::Scale { x, c } => {
                 if let Some(mut gx) = self.take_grad(*x) {

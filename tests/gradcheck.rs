@@ -976,3 +976,29 @@ fn infonce_bank_value_and_gradients() {
         assert_close("infonce_bank value", &res.output, &[want / b as f64], 1e-5, 1e-5);
     }
 }
+
+#[test]
+fn reshape_and_add_identity() {
+    let mut r = rng("reshape");
+    let x = Input::randn(&mut r, &[3, 4], 1.0);
+    check("reshape").run(std::slice::from_ref(&x), |t, v| {
+        let y = t.reshape(v[0], &[4, 3]);
+        let z = t.mul(y, y);
+        t.reshape(z, &[12])
+    });
+    let a = Input::randn(&mut r, &[3, 3], 1.0);
+    let res = check("add_identity").run(std::slice::from_ref(&a), |t, v| t.add_identity(v[0], 0.7));
+    for i in 0..9 {
+        let want = a.data[i] as f64 + if i % 4 == 0 { 0.7 } else { 0.0 };
+        assert!((res.output[i] as f64 - want).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn sigmoid_composition() {
+    let mut r = rng("sigmoid");
+    let x = Input::randn(&mut r, &[3, 5], 2.0);
+    let res = check("sigmoid").run(std::slice::from_ref(&x), |t, v| t.sigmoid(v[0]));
+    let want: Vec<f64> = x.data.iter().map(|&z| 1.0 / (1.0 + (-(z as f64)).exp())).collect();
+    assert_close("sigmoid value", &res.output, &want, 1e-6, 1e-6);
+}

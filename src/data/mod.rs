@@ -3,6 +3,7 @@
 //! Id convention everywhere in the engine: users and items are dense ids `1..=N`; `0` is padding.
 //! Per-user vectors are indexed by `user - 1`.
 
+pub mod features;
 pub mod negatives;
 pub mod readers;
 pub mod split;

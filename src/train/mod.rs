@@ -4,3 +4,4 @@ pub mod optim;
 pub mod schedule;
 pub mod objective;
 pub mod trainer;
+pub mod strategies;
