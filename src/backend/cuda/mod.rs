@@ -3,9 +3,17 @@
 //! cudarc is built with dynamic loading, so the binary builds and starts where no CUDA library exists.
 //! cudarc *panics* (rather than returning an error) when `libcuda` cannot be loaded, so every probe first
 //! asks `is_culib_present()` and then calls the driver inside `catch_unwind`.
-//! The kernels themselves (`kernels/*.cu`, compiled by NVRTC) are the subject of the CUDA backend issue;
-//! until they land, `CudaBackend::new` reports that plainly.
+//!
+//! - `kernels`: compiles every `kernels/*.cu` with NVRTC (lazily, once per process) and reports the full
+//!   compiler log on failure.
+//! - `backend`: [`CudaBackend`], the `Backend` implementation (cuBLAS for products, our kernels for the rest).
 use std::panic;
+
+pub mod backend;
+pub mod kernels;
+
+pub use backend::{CudaBackend, CudaError};
+pub use kernels::KernelError;
 
 /// What the probe found.
 #[derive(Clone, Debug)]
@@ -24,7 +32,8 @@ pub enum CudaUnavailable {
     NoDevice(String),
     #[error("GPU {requested} requested, but only {count} device(s) found")]
     BadOrdinal { requested: usize, count: usize },
-    #[error("the CUDA backend's kernels are not part of this build yet; use --device cpu")]
+    /// Kept for `main.rs` until `--device cuda` is wired to [`CudaBackend`].
+    #[error("the CUDA backend is not wired to the command line yet; use --device cpu")]
     NotImplemented,
 }
 
@@ -52,5 +61,32 @@ pub fn probe(ordinal: usize) -> Result<GpuInfo, CudaUnavailable> {
     match found {
         Ok(r) => r,
         Err(_) => Err(CudaUnavailable::NoDriver),
+    }
+}
+
+/// What the NVRTC probe found: the library's version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvrtcInfo {
+    pub major: i32,
+    pub minor: i32,
+}
+
+/// Probe for NVRTC (`libnvrtc.so.13`); never panics. Works without a GPU: NVRTC is a plain library.
+pub fn probe_nvrtc() -> Result<NvrtcInfo, String> {
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("libnvrtc.so.13 could not be loaded (not on LD_LIBRARY_PATH or in the ld.so cache)".into());
+    }
+    let found = panic::catch_unwind(|| {
+        let (mut major, mut minor) = (0i32, 0i32);
+        let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        if r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+            Ok(NvrtcInfo { major, minor })
+        } else {
+            Err(format!("nvrtcVersion failed: {r:?}"))
+        }
+    });
+    match found {
+        Ok(r) => r,
+        Err(_) => Err("libnvrtc.so.13 failed to load".into()),
     }
 }

@@ -1,0 +1,65 @@
+// Full reductions (sum_all, sum_squares, the mean of per-row losses) and column sums (sum_rows_into).
+// CPU twins in src/backend/cpu.rs accumulate in f64; so do these. All reductions are two-stage and
+// deterministic: stage 1 runs a FIXED grid (chosen by the launcher from n only) and reduces each block
+// in a fixed tree order into one f64 partial; stage 2 sums the partials in one block. No float atomics,
+// so two runs on the same input give the same bits (mission §9, deterministic mode).
+
+#define BLOCK 256
+
+// Tree reduction of one double per thread over a 256-thread block; the result is valid in thread 0.
+__device__ double block_sum_d(double v) {
+    __shared__ double sh[BLOCK];
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = BLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+// mode 0: Σ x;  mode 1: Σ x² (squared in f64, as the CPU's gradient-norm sum).
+extern "C" __global__ void sum_partials_f32(double* partials, const float* x, unsigned long long n, int mode) {
+    double acc = 0.0;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * BLOCK + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * BLOCK) {
+        double v = (double)x[i];
+        acc += mode == 1 ? v * v : v;
+    }
+    double s = block_sum_d(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// out[0] = (f32)(Σ partials / divisor). divisor is the element count for means, 1 for sums.
+extern "C" __global__ void reduce_finish_f32(float* out, const double* partials, unsigned int nparts, double divisor) {
+    double acc = 0.0;
+    for (unsigned int i = threadIdx.x; i < nparts; i += BLOCK) acc += partials[i];
+    double s = block_sum_d(acc);
+    if (threadIdx.x == 0) out[0] = (float)(s / divisor);
+}
+
+// The same, kept in f64 for sum_squares (read back by the host for gradient-norm clipping).
+extern "C" __global__ void reduce_finish_f64(double* out, const double* partials, unsigned int nparts) {
+    double acc = 0.0;
+    for (unsigned int i = threadIdx.x; i < nparts; i += BLOCK) acc += partials[i];
+    double s = block_sum_d(acc);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+// out[c] += Σ_r x[r, c] (bias gradient). Block (32, 16): 32 adjacent columns (coalesced reads of each row),
+// 16 row lanes each summing a fixed strided subset of rows in f64, then a fixed-order combine in shared memory.
+extern "C" __global__ void sum_rows_into_f32(float* out, const float* x, unsigned int rows, unsigned int cols) {
+    __shared__ double sh[16][33];
+    unsigned int c = blockIdx.x * 32 + threadIdx.x;
+    double acc = 0.0;
+    if (c < cols) {
+        for (unsigned int r = threadIdx.y; r < rows; r += 16) acc += (double)x[(unsigned long long)r * cols + c];
+    }
+    sh[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        double s = 0.0;
+        for (int y = 0; y < 16; y++) s += sh[y][threadIdx.x];
+        out[c] += (float)s;
+    }
+}

@@ -1,0 +1,77 @@
+// Row softmax / log-softmax and their backward. CPU twins: `softmax*` / `log_softmax*` in src/backend/cpu.rs.
+// One warp per row, loops over the row in strides of 32 lanes, so any number of columns works (the
+// item-vocabulary rows of full cross-entropy included). Max-subtraction keeps expf in range.
+
+// NVRTC has no <math.h> macros: -inf and a quiet NaN by their bit patterns.
+#define NEG_INF (__int_as_float(0xff800000u))
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+#define WARP_ROWS(row, rows) \
+    const unsigned int lane = threadIdx.x & 31u; \
+    const unsigned int wpb = blockDim.x >> 5; \
+    for (unsigned long long row = (unsigned long long)blockIdx.x * wpb + (threadIdx.x >> 5); row < (rows); \
+         row += (unsigned long long)gridDim.x * wpb)
+
+extern "C" __global__ void softmax_f32(float* y, const float* x, unsigned int rows, unsigned int cols) {
+    WARP_ROWS(r, rows) {
+        const float* xr = x + r * cols;
+        float mx = NEG_INF;
+        for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
+        mx = warp_max(mx);
+        float s = 0.0f;
+        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
+        s = warp_sum(s);
+        float* yr = y + r * cols;
+        for (unsigned int i = lane; i < cols; i += 32) yr[i] = expf(xr[i] - mx) / s;
+    }
+}
+
+// dx += y ∘ (dy − Σ dy·y).
+extern "C" __global__ void softmax_backward_f32(float* dx, const float* y, const float* dy, unsigned int rows,
+                                                unsigned int cols) {
+    WARP_ROWS(r, rows) {
+        const float* yr = y + r * cols;
+        const float* g = dy + r * cols;
+        float dot = 0.0f;
+        for (unsigned int i = lane; i < cols; i += 32) dot += yr[i] * g[i];
+        dot = warp_sum(dot);
+        float* d = dx + r * cols;
+        for (unsigned int i = lane; i < cols; i += 32) d[i] += yr[i] * (g[i] - dot);
+    }
+}
+
+extern "C" __global__ void log_softmax_f32(float* y, const float* x, unsigned int rows, unsigned int cols) {
+    WARP_ROWS(r, rows) {
+        const float* xr = x + r * cols;
+        float mx = NEG_INF;
+        for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
+        mx = warp_max(mx);
+        float s = 0.0f;
+        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
+        float lse = mx + logf(warp_sum(s));
+        float* yr = y + r * cols;
+        for (unsigned int i = lane; i < cols; i += 32) yr[i] = xr[i] - lse;
+    }
+}
+
+// dx += dy − e^y Σ dy.
+extern "C" __global__ void log_softmax_backward_f32(float* dx, const float* y, const float* dy, unsigned int rows,
+                                                    unsigned int cols) {
+    WARP_ROWS(r, rows) {
+        const float* yr = y + r * cols;
+        const float* g = dy + r * cols;
+        float s = 0.0f;
+        for (unsigned int i = lane; i < cols; i += 32) s += g[i];
+        s = warp_sum(s);
+        float* d = dx + r * cols;
+        for (unsigned int i = lane; i < cols; i += 32) d[i] += g[i] - expf(yr[i]) * s;
+    }
+}

@@ -1,0 +1,492 @@
+//! CPU (the reference) vs CUDA for every `Backend` method, on fresh seeded random inputs (never zeros) at
+//! several shapes, including sizes that are not multiples of any block size. Each op group is written once,
+//! generic over the backend, and run on both; outputs are compared by ‖gpu − cpu‖ / ‖cpu‖.
+//!
+//! Tolerances (relative L2):
+//! - `EXACT` (0): copies, gathers, dropout masks — same bits by construction (the mask hash is integer
+//!   arithmetic; kept values are x·scale in both).
+//! - `ELEM` 1e-5: element-wise maps; CUDA's erff/expf/log1pf are within 2 ulp of libm, so errors are a few
+//!   1e-7 relative.
+//! - `RED` 1e-4: anything that sums (row reductions, gemm, losses, attention, scatter-adds with atomics):
+//!   f32 sums in a different order differ by ~√n·ulp; for rows up to a few hundred terms that is ≲1e-5,
+//!   and 1e-4 leaves headroom without hiding an indexing error (which shows as O(1)).
+//! Without a GPU every test prints "skipped: no GPU (<reason>)" and returns.
+use ur4rec_engine::backend::cuda::CudaBackend;
+use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, DropoutKey, SeqLayout};
+use ur4rec_engine::rng::Rng;
+
+const EXACT: f64 = 0.0;
+const ELEM: f64 = 1e-5;
+const RED: f64 = 1e-4;
+
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            None
+        }
+    }
+}
+
+/// Uniform in ±[0.1, 1.1): random signs, never zero.
+fn rand(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| {
+        let m = 0.1 + rng.uniform();
+        if rng.uniform() < 0.5 { -m } else { m }
+    }).collect()
+}
+
+fn rand_idx(rng: &mut Rng, n: usize, below: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.below(below as u64) as u32).collect()
+}
+
+type Outputs = Vec<(String, Vec<f32>, f64)>;
+
+fn compare(group: &str, cpu: Outputs, gpu: Outputs) {
+    assert_eq!(cpu.len(), gpu.len());
+    let mut bad = Vec::new();
+    for ((name, c, tol), (_, g, _)) in cpu.iter().zip(&gpu) {
+        assert_eq!(c.len(), g.len(), "{group}/{name}: lengths differ");
+        let num: f64 = c.iter().zip(g).map(|(a, b)| ((*a as f64) - (*b as f64)).powi(2)).sum::<f64>().sqrt();
+        let den: f64 = c.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+        let rel = num / den;
+        let finite = g.iter().all(|v| v.is_finite()) == c.iter().all(|v| v.is_finite());
+        if !(rel <= *tol) || !finite {
+            bad.push(format!("{group}/{name}: relative error {rel:.3e} > {tol:.0e}"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+fn out<B: Backend>(b: &B, o: &mut Outputs, name: impl Into<String>, x: &B::Buf, tol: f64) {
+    o.push((name.into(), b.to_host(x), tol));
+}
+
+/// Runs `f` on both backends and compares.
+macro_rules! parity {
+    ($group:expr, $f:ident) => {{
+        let Some(g) = gpu() else { return };
+        let c = CpuBackend::new();
+        compare($group, $f(&c), $f(&g));
+    }};
+}
+
+// ---- storage, elementwise, dropout ------------------------------------------------------------------
+
+const LENS: [usize; 4] = [1, 31, 257, 10_001];
+
+fn storage_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &n) in LENS.iter().enumerate() {
+        let mut rng = Rng::new(100 + t as u64);
+        let x = b.from_host(&rand(&mut rng, n));
+        let y0 = rand(&mut rng, n);
+        out(b, &mut o, format!("from_host{n}"), &x, EXACT);
+        out(b, &mut o, format!("zeros{n}"), &b.zeros(n), EXACT);
+        let off = n / 3;
+        let len = n - off;
+        out(b, &mut o, format!("copy_range{n}"), &b.copy_range(&x, off, len), EXACT);
+        let mut y = b.from_host(&y0);
+        let part = b.from_host(&rand(&mut rng, len));
+        b.add_into_range(&mut y, off, &part);
+        out(b, &mut o, format!("add_into_range{n}"), &y, ELEM);
+        b.write_range(&mut y, off, &part);
+        out(b, &mut o, format!("write_range{n}"), &y, EXACT);
+        b.axpy(&mut y, -0.7, &x);
+        out(b, &mut o, format!("axpy{n}"), &y, ELEM);
+        b.fill(&mut y, 0.25);
+        out(b, &mut o, format!("fill{n}"), &y, EXACT);
+        assert_eq!(b.len(&y), n);
+    }
+    for &(rows, ca, cb) in &[(1usize, 1usize, 1usize), (7, 3, 5), (129, 64, 33)] {
+        let mut rng = Rng::new(7 * rows as u64);
+        let a = b.from_host(&rand(&mut rng, rows * ca));
+        let bb = b.from_host(&rand(&mut rng, rows * cb));
+        let cat = b.concat_cols(&a, ca, &bb, cb);
+        out(b, &mut o, format!("concat_cols{rows}"), &cat, EXACT);
+        let g = b.from_host(&rand(&mut rng, rows * (ca + cb)));
+        let mut da = b.from_host(&rand(&mut rng, rows * ca));
+        let mut db = b.from_host(&rand(&mut rng, rows * cb));
+        b.split_cols_acc(&g, ca, cb, Some(&mut da), Some(&mut db));
+        out(b, &mut o, format!("split_cols_acc_a{rows}"), &da, ELEM);
+        out(b, &mut o, format!("split_cols_acc_b{rows}"), &db, ELEM);
+    }
+    o
+}
+
+fn elementwise_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &n) in LENS.iter().enumerate() {
+        let mut rng = Rng::new(200 + t as u64);
+        // Spread to ±4.4 so GELU / softplus see both tails.
+        let xs: Vec<f32> = rand(&mut rng, n).iter().map(|v| v * 4.0).collect();
+        let x = b.from_host(&xs);
+        let y = b.from_host(&rand(&mut rng, n));
+        let dy = b.from_host(&rand(&mut rng, n));
+        let d0 = rand(&mut rng, n);
+        out(b, &mut o, format!("add{n}"), &b.add(&x, &y), ELEM);
+        out(b, &mut o, format!("mul{n}"), &b.mul(&x, &y), ELEM);
+        out(b, &mut o, format!("scale{n}"), &b.scale(&x, 0.3), ELEM);
+        out(b, &mut o, format!("relu{n}"), &b.relu(&x), ELEM);
+        out(b, &mut o, format!("gelu{n}"), &b.gelu(&x), ELEM);
+        out(b, &mut o, format!("softplus{n}"), &b.softplus(&x), ELEM);
+        let mut dx = b.from_host(&d0);
+        b.mul_acc(&mut dx, &dy, &y);
+        out(b, &mut o, format!("mul_acc{n}"), &dx, ELEM);
+        let mut dx = b.from_host(&d0);
+        b.relu_backward(&x, &dy, &mut dx);
+        out(b, &mut o, format!("relu_backward{n}"), &dx, ELEM);
+        let mut dx = b.from_host(&d0);
+        b.gelu_backward(&x, &dy, &mut dx);
+        out(b, &mut o, format!("gelu_backward{n}"), &dx, ELEM);
+        let mut dx = b.from_host(&d0);
+        b.softplus_backward(&x, &dy, &mut dx);
+        out(b, &mut o, format!("softplus_backward{n}"), &dx, ELEM);
+        let mut xb = b.from_host(&d0);
+        b.add_bias(&mut xb, &b.from_host(&rand(&mut rng, 1)), 1);
+        out(b, &mut o, format!("add_bias1_{n}"), &xb, ELEM);
+        let c = b.from_host(&[1.7]);
+        let mut dx = b.from_host(&d0);
+        b.add_scalar_acc(&mut dx, &c, -0.25);
+        out(b, &mut o, format!("add_scalar_acc{n}"), &dx, ELEM);
+    }
+    o
+}
+
+fn dropout_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &n) in LENS.iter().enumerate() {
+        let mut rng = Rng::new(300 + t as u64);
+        let x = b.from_host(&rand(&mut rng, n));
+        for &p in &[0.1f32, 0.5] {
+            let key = DropoutKey { p, seed: 0xDEAD_BEEF + t as u64, stream: 17 };
+            out(b, &mut o, format!("dropout{n}_{p}"), &b.dropout(&x, key), EXACT);
+            let mut dx = b.from_host(&rand(&mut rng, n));
+            b.dropout_backward(&x, key, &mut dx);
+            out(b, &mut o, format!("dropout_backward{n}_{p}"), &dx, ELEM);
+        }
+    }
+    o
+}
+
+#[test]
+fn storage_parity() {
+    parity!("storage", storage_ops);
+}
+#[test]
+fn elementwise_parity() {
+    parity!("elementwise", elementwise_ops);
+}
+#[test]
+fn dropout_masks_are_bit_identical() {
+    parity!("dropout", dropout_ops);
+}
+
+// ---- row-wise ---------------------------------------------------------------------------------------
+
+const SHAPES: [(usize, usize); 5] = [(1, 1), (7, 33), (300, 64), (65, 257), (3, 1000)];
+
+fn rowwise_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let mut rng = Rng::new(400 + t as u64);
+        let n = rows * cols;
+        let xs: Vec<f32> = rand(&mut rng, n).iter().map(|v| v * 3.0).collect();
+        let x = b.from_host(&xs);
+        let dy = b.from_host(&rand(&mut rng, n));
+        let d0 = rand(&mut rng, n);
+        let tag = format!("{rows}x{cols}");
+        let gamma = b.from_host(&rand(&mut rng, cols));
+        let beta = b.from_host(&rand(&mut rng, cols));
+        let (y, mean, rstd) = b.layer_norm(&x, &gamma, &beta, cols, 1e-5);
+        out(b, &mut o, format!("layer_norm_y{tag}"), &y, ELEM);
+        out(b, &mut o, format!("layer_norm_mean{tag}"), &mean, ELEM);
+        out(b, &mut o, format!("layer_norm_rstd{tag}"), &rstd, ELEM);
+        let mut dx = b.from_host(&d0);
+        let mut dg = b.from_host(&rand(&mut rng, cols));
+        let mut db = b.from_host(&rand(&mut rng, cols));
+        b.layer_norm_backward(&x, &gamma, &mean, &rstd, &dy, cols, Some(&mut dx), Some(&mut dg), Some(&mut db));
+        out(b, &mut o, format!("layer_norm_dx{tag}"), &dx, RED);
+        out(b, &mut o, format!("layer_norm_dgamma{tag}"), &dg, RED);
+        out(b, &mut o, format!("layer_norm_dbeta{tag}"), &db, RED);
+
+        let sm = b.softmax(&x, cols);
+        out(b, &mut o, format!("softmax{tag}"), &sm, RED);
+        let mut dx = b.from_host(&d0);
+        b.softmax_backward(&sm, &dy, cols, &mut dx);
+        out(b, &mut o, format!("softmax_backward{tag}"), &dx, RED);
+        let ls = b.log_softmax(&x, cols);
+        out(b, &mut o, format!("log_softmax{tag}"), &ls, RED);
+        let mut dx = b.from_host(&d0);
+        b.log_softmax_backward(&ls, &dy, cols, &mut dx);
+        out(b, &mut o, format!("log_softmax_backward{tag}"), &dx, RED);
+
+        // Row 0 scaled below eps exercises the clamped branch.
+        let mut xl = xs.clone();
+        xl[..cols].iter_mut().for_each(|v| *v *= 1e-9);
+        let xl = b.from_host(&xl);
+        let (yn, norms) = b.l2_normalize(&xl, cols, 1e-6);
+        out(b, &mut o, format!("l2_normalize{tag}"), &yn, RED);
+        out(b, &mut o, format!("l2_norms{tag}"), &norms, RED);
+        let mut dx = b.from_host(&d0);
+        b.l2_normalize_backward(&xl, &norms, &dy, cols, 1e-6, &mut dx);
+        out(b, &mut o, format!("l2_normalize_backward{tag}"), &dx, RED);
+
+        out(b, &mut o, format!("row_dot{tag}"), &b.row_dot(&x, &dy, cols), RED);
+        let g = b.from_host(&rand(&mut rng, rows));
+        let mut dx = b.from_host(&d0);
+        b.row_scale_acc(&mut dx, &g, &x, cols);
+        out(b, &mut o, format!("row_scale_acc{tag}"), &dx, ELEM);
+
+        let bias = b.from_host(&rand(&mut rng, cols));
+        let mut xb = b.from_host(&d0);
+        b.add_bias(&mut xb, &bias, cols);
+        out(b, &mut o, format!("add_bias{tag}"), &xb, ELEM);
+        let mut s = b.from_host(&rand(&mut rng, cols));
+        b.sum_rows_into(&x, cols, &mut s);
+        out(b, &mut o, format!("sum_rows_into{tag}"), &s, RED);
+    }
+    o
+}
+
+#[test]
+fn rowwise_parity() {
+    parity!("rowwise", rowwise_ops);
+}
+
+// ---- indexing -----------------------------------------------------------------------------------------
+
+fn indexing_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &(items, cols, n)) in [(5usize, 1usize, 1usize), (37, 33, 100), (1001, 64, 777)].iter().enumerate() {
+        let mut rng = Rng::new(500 + t as u64);
+        let table = b.from_host(&rand(&mut rng, items * cols));
+        let idx_h = rand_idx(&mut rng, n, items);
+        let idx = b.idx_from_host(&idx_h);
+        let tag = format!("{items}x{cols}x{n}");
+        out(b, &mut o, format!("gather_rows{tag}"), &b.gather_rows(&table, &idx, cols), EXACT);
+        let dy = b.from_host(&rand(&mut rng, n * cols));
+        for skip in [None, Some(idx_h[0])] {
+            let mut dt = b.from_host(&rand(&mut rng, items * cols));
+            b.scatter_add_rows(&dy, &idx, cols, skip, &mut dt);
+            out(b, &mut o, format!("scatter_add_rows{tag}_{skip:?}"), &dt, RED);
+        }
+    }
+    for (t, &(rows, c, j, d)) in [(1usize, 1usize, 1usize, 1usize), (7, 50, 13, 33), (129, 300, 101, 64)].iter().enumerate() {
+        let mut rng = Rng::new(600 + t as u64);
+        let tag = format!("{rows}x{c}x{j}x{d}");
+        let x = b.from_host(&rand(&mut rng, rows * c));
+        let idx = b.idx_from_host(&rand_idx(&mut rng, rows * j, c));
+        out(b, &mut o, format!("gather_cols{tag}"), &b.gather_cols(&x, &idx, c, j), EXACT);
+        let dy = b.from_host(&rand(&mut rng, rows * j));
+        let mut dx = b.from_host(&rand(&mut rng, rows * c));
+        b.gather_cols_backward(&dy, &idx, c, j, &mut dx);
+        out(b, &mut o, format!("gather_cols_backward{tag}"), &dx, ELEM);
+        // Candidate scoring against a table of c items.
+        let h = b.from_host(&rand(&mut rng, rows * d));
+        let table = b.from_host(&rand(&mut rng, c * d));
+        out(b, &mut o, format!("score_candidates{tag}"), &b.score_candidates(&h, &table, &idx, d, j), RED);
+        let mut dh = b.from_host(&rand(&mut rng, rows * d));
+        let mut dt = b.from_host(&rand(&mut rng, c * d));
+        b.score_candidates_backward(&h, &table, &idx, d, j, &dy, Some(&mut dh), Some(&mut dt));
+        out(b, &mut o, format!("score_candidates_dh{tag}"), &dh, RED);
+        out(b, &mut o, format!("score_candidates_dtable{tag}"), &dt, RED);
+    }
+    o
+}
+
+#[test]
+fn indexing_parity() {
+    parity!("indexing", indexing_ops);
+}
+
+// ---- gemm, optimizer, reductions -------------------------------------------------------------------------
+
+fn gemm_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    let mut rng = Rng::new(700);
+    for &(batch, m, n, k) in &[(1usize, 1usize, 1usize, 1usize), (1, 7, 5, 3), (3, 33, 65, 129), (2, 50, 50, 64)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for beta in [0.0f32, 1.0] {
+                    let a = b.from_host(&rand(&mut rng, batch * m * k));
+                    let bb = b.from_host(&rand(&mut rng, batch * k * n));
+                    let mut c = b.from_host(&rand(&mut rng, batch * m * n));
+                    b.gemm(batch, m, n, k, 0.75, &a, ta, &bb, tb, beta, &mut c);
+                    out(b, &mut o, format!("gemm{batch}x{m}x{n}x{k}_{ta}{tb}_{beta}"), &c, RED);
+                }
+            }
+        }
+    }
+    o
+}
+
+fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &n) in LENS.iter().enumerate() {
+        let mut rng = Rng::new(800 + t as u64);
+        let total = n + 10;
+        let mut p = b.from_host(&rand(&mut rng, total));
+        let g = b.from_host(&rand(&mut rng, total));
+        let mut m = b.from_host(&rand(&mut rng, total).iter().map(|v| v * 0.1).collect::<Vec<_>>());
+        let mut v = b.from_host(&rand(&mut rng, total).iter().map(|v| v * v * 0.01).collect::<Vec<_>>());
+        let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.01, grad_scale: 0.5,
+                             bias_correction1: 1.0 - 0.9f32.powi(3), bias_correction2: 1.0 - 0.98f32.powi(3) };
+        b.adamw(&mut p, &g, &mut m, &mut v, 5, n, &hp);
+        out(b, &mut o, format!("adamw_p{n}"), &p, ELEM);
+        out(b, &mut o, format!("adamw_m{n}"), &m, ELEM);
+        out(b, &mut o, format!("adamw_v{n}"), &v, ELEM);
+        let ss = b.sum_squares(&g, 3, n);
+        o.push((format!("sum_squares{n}"), vec![ss as f32], RED));
+        out(b, &mut o, format!("sum_all{n}"), &b.sum_all(&g), RED);
+        o.push((format!("read_scalar{n}"), vec![b.read_scalar(&b.sum_all(&g))], RED));
+    }
+    o
+}
+
+#[test]
+fn gemm_parity() {
+    parity!("gemm", gemm_ops);
+}
+#[test]
+fn optimizer_and_reduction_parity() {
+    parity!("optimizer", optimizer_ops);
+}
+
+// ---- losses -------------------------------------------------------------------------------------------
+
+fn loss_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &(rows, k)) in [(1usize, 1usize), (7, 33), (300, 101), (2, 2000)].iter().enumerate() {
+        let mut rng = Rng::new(900 + t as u64);
+        let tag = format!("{rows}x{k}");
+        let dloss = b.from_host(&[1.3]);
+        let pos = b.from_host(&rand(&mut rng, rows));
+        let neg = b.from_host(&rand(&mut rng, rows * k).iter().map(|v| v * 3.0).collect::<Vec<_>>());
+        out(b, &mut o, format!("bpr{tag}"), &b.bpr(&pos, &neg, k), RED);
+        let mut dp = b.from_host(&rand(&mut rng, rows));
+        let mut dn = b.from_host(&rand(&mut rng, rows * k));
+        b.bpr_backward(&pos, &neg, k, &dloss, Some(&mut dp), Some(&mut dn));
+        out(b, &mut o, format!("bpr_dpos{tag}"), &dp, RED);
+        out(b, &mut o, format!("bpr_dneg{tag}"), &dn, ELEM);
+
+        let labels = b.from_host(&(0..rows * k).map(|_| rng.uniform()).collect::<Vec<_>>());
+        out(b, &mut o, format!("bce{tag}"), &b.bce_logits(&neg, &labels), RED);
+        let mut dx = b.from_host(&rand(&mut rng, rows * k));
+        b.bce_logits_backward(&neg, &labels, &dloss, &mut dx);
+        out(b, &mut o, format!("bce_backward{tag}"), &dx, ELEM);
+
+        let target = b.idx_from_host(&rand_idx(&mut rng, rows, k));
+        out(b, &mut o, format!("cross_entropy{tag}"), &b.cross_entropy(&neg, &target, k), RED);
+        let mut dx = b.from_host(&rand(&mut rng, rows * k));
+        b.cross_entropy_backward(&neg, &target, k, &dloss, &mut dx);
+        out(b, &mut o, format!("cross_entropy_backward{tag}"), &dx, RED);
+
+        // A proper teacher distribution per row, with one exact zero (0·log 0 = 0 path).
+        let mut teacher: Vec<f32> = (0..rows * k).map(|_| 0.05 + rng.uniform()).collect();
+        for r in 0..rows {
+            let row = &mut teacher[r * k..(r + 1) * k];
+            if k > 1 {
+                row[0] = 0.0;
+            }
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= s);
+        }
+        let teacher = b.from_host(&teacher);
+        out(b, &mut o, format!("kl{tag}"), &b.kl_div(&neg, &teacher, k), RED);
+        let mut dx = b.from_host(&rand(&mut rng, rows * k));
+        b.kl_div_backward(&neg, &teacher, k, &dloss, &mut dx);
+        out(b, &mut o, format!("kl_backward{tag}"), &dx, RED);
+
+        let other = b.from_host(&rand(&mut rng, rows * k));
+        out(b, &mut o, format!("mse{tag}"), &b.mse(&neg, &other), RED);
+    }
+    o
+}
+
+#[test]
+fn loss_parity() {
+    parity!("losses", loss_ops);
+}
+
+// ---- attention ----------------------------------------------------------------------------------------
+
+fn attention_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    let lengths = [1usize, 7, 50, 130, 9];
+    for &(d, heads) in &[(64usize, 2usize), (32, 4), (96, 1)] {
+        for dropout in [None, Some(DropoutKey { p: 0.2, seed: 99, stream: 3 })] {
+            let mut rng = Rng::new(1000 + d as u64 + heads as u64);
+            let t: usize = lengths.iter().sum();
+            // Key validity: random dropouts in sequence 2, and the last sequence (9 tokens) all invalid.
+            let mut valid = vec![1u32; t];
+            let s2 = lengths[0] + lengths[1];
+            for v in &mut valid[s2..s2 + lengths[2]] {
+                if rng.uniform() < 0.3 {
+                    *v = 0;
+                }
+            }
+            let last = t - lengths[4];
+            valid[last..].iter_mut().for_each(|v| *v = 0);
+            let mut offsets = vec![0u32];
+            for &n in &lengths {
+                offsets.push(offsets.last().unwrap() + n as u32);
+            }
+            let layout = SeqLayout::new(b, offsets, valid);
+            let qkv = b.from_host(&rand(&mut rng, t * 3 * d));
+            let tag = format!("d{d}h{heads}_{}", dropout.is_some());
+            let (y, probs) = b.attention(&qkv, &layout, d, heads, dropout);
+            out(b, &mut o, format!("attention_out{tag}"), &y, RED);
+            out(b, &mut o, format!("attention_probs{tag}"), &probs, RED);
+            let dout = b.from_host(&rand(&mut rng, t * d));
+            let mut dqkv = b.from_host(&rand(&mut rng, t * 3 * d));
+            b.attention_backward(&qkv, &probs, &layout, d, heads, dropout, &dout, &mut dqkv);
+            out(b, &mut o, format!("attention_dqkv{tag}"), &dqkv, RED);
+        }
+    }
+    o
+}
+
+#[test]
+fn attention_parity() {
+    parity!("attention", attention_ops);
+}
+
+// ---- fused InfoNCE against the memory bank -----------------------------------------------------------------
+
+fn normalize_rows(x: &mut [f32], d: usize) {
+    for r in x.chunks_mut(d) {
+        let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+        r.iter_mut().for_each(|v| *v /= n);
+    }
+}
+
+fn infonce_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &(bsz, slots, d)) in [(1usize, 1usize, 1usize), (7, 100, 33), (33, 1000, 64), (5, 70, 256)].iter().enumerate() {
+        let mut rng = Rng::new(1100 + t as u64);
+        let tag = format!("{bsz}x{slots}x{d}");
+        let (mut qh, mut kh, mut bh) = (rand(&mut rng, bsz * d), rand(&mut rng, bsz * d), rand(&mut rng, slots * d));
+        normalize_rows(&mut qh, d);
+        normalize_rows(&mut kh, d);
+        normalize_rows(&mut bh, d);
+        // Users 1..=4 so some bank slots are masked; some slots hold user 0 (never masked).
+        let users = b.idx_from_host(&rand_idx(&mut rng, bsz, 4).iter().map(|u| u + 1).collect::<Vec<_>>());
+        let bank_users = b.idx_from_host(&rand_idx(&mut rng, slots, 5));
+        let (q, k, bank) = (b.from_host(&qh), b.from_host(&kh), b.from_host(&bh));
+        out(b, &mut o, format!("infonce{tag}"), &b.infonce_bank(&q, &k, &bank, &bank_users, &users, d, 0.07), RED);
+        let dloss = b.from_host(&[0.8]);
+        let mut dq = b.from_host(&rand(&mut rng, bsz * d));
+        let mut dk = b.from_host(&rand(&mut rng, bsz * d));
+        b.infonce_bank_backward(&q, &k, &bank, &bank_users, &users, d, 0.07, &dloss, Some(&mut dq), Some(&mut dk));
+        out(b, &mut o, format!("infonce_dq{tag}"), &dq, RED);
+        out(b, &mut o, format!("infonce_dk{tag}"), &dk, RED);
+    }
+    o
+}
+
+#[test]
+fn infonce_bank_parity() {
+    parity!("infonce", infonce_ops);
+}
