@@ -127,14 +127,139 @@ impl Default for EvalConfig {
     }
 }
 
+/// Which model the `train` command trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pipeline {
+    /// SASRec alone (one stage).
+    Sasrec,
+    /// The four-stage UR4Rec pipeline.
+    Ur4rec,
+}
+
+/// Side-feature files (`.npy` rows + `.ids.npy` original ids). Empty paths: none (synthetic data brings its own).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeatureFiles {
+    pub item_text: String,
+    pub item_text_ids: String,
+    /// The second item modality ("visual"; for ML-100K a title+genre text view stands in).
+    pub item_visual: String,
+    pub item_visual_ids: String,
+    pub user_text: String,
+    pub user_text_ids: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserVectorSource {
+    /// Mean of the item text (and visual) features of the user's training history.
+    HistoryMean,
+    /// The user-text feature file (may leak evaluation items, e.g. ML-100K's LLM summaries).
+    Provided,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageSelection {
+    /// Select on the fused ranking (the reference).
+    Fused,
+    /// Select stage 2 on the retriever's own ranking (mission.md §10 fix).
+    OwnTower,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlternationKind {
+    Parity,
+    Adaptive,
+    /// The seed's raw rule (plateau on raw per-batch losses), kept to show it switches on noise.
+    AdaptiveFaithful,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightsKind {
+    Fixed,
+    Curriculum,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContrastiveKind {
+    InBatch,
+    MemoryBank,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ur4RecConfig {
+    pub retriever: crate::model::retriever::RetrieverConfig,
+    pub features: FeatureFiles,
+    pub user_vectors: UserVectorSource,
+    /// Centre the frozen input features (subtract the item mean) before projecting (mission.md §10 fix).
+    pub center_features: bool,
+    /// Epochs of stages 1–4.
+    pub stage_epochs: [usize; 4],
+    /// Learning-rate multiplier per stage (mission.md §10: 0.1 for stages 3–4 keeps SASRec from being damaged).
+    pub stage_lr_scale: [f32; 4],
+    /// Count a stage's starting weights as a selection candidate, so no stage ends worse than it began.
+    pub keep_start_if_better: bool,
+    pub stage2_selection: StageSelection,
+    pub retriever_lr: f32,
+    pub negatives: usize,
+    pub alternation: AlternationKind,
+    pub weights: WeightsKind,
+    pub contrastive: ContrastiveKind,
+    /// Memory-bank slots (0: min(65536, a power of two above the number of users)).
+    pub bank_size: usize,
+    pub contrastive_tau: f32,
+    pub diversity_eps: f32,
+    pub distillation: crate::train::strategies::DistillConfig,
+    /// Progressive unfreezing in stage 4: entries `"step:prefix,prefix"` (steps counted within stage 4).
+    pub unfreeze: Vec<String>,
+    /// Weights of the SASRec BPR and retrieval BCE terms.
+    pub sasrec_weight: f32,
+    pub retrieval_weight: f32,
+}
+
+impl Default for Ur4RecConfig {
+    fn default() -> Self {
+        Ur4RecConfig {
+            retriever: Default::default(),
+            features: FeatureFiles::default(),
+            user_vectors: UserVectorSource::HistoryMean,
+            center_features: true,
+            stage_epochs: [10, 10, 10, 10],
+            stage_lr_scale: [1.0, 1.0, 0.1, 0.1],
+            keep_start_if_better: true,
+            stage2_selection: StageSelection::OwnTower,
+            retriever_lr: 1e-4,
+            negatives: 5,
+            alternation: AlternationKind::Parity,
+            weights: WeightsKind::Fixed,
+            contrastive: ContrastiveKind::InBatch,
+            bank_size: 0,
+            contrastive_tau: 0.07,
+            diversity_eps: 0.1,
+            distillation: Default::default(),
+            unfreeze: Vec::new(),
+            sasrec_weight: 1.0,
+            retrieval_weight: 1.0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub seed: u64,
+    pub pipeline: Pipeline,
     pub data: DataConfig,
     pub sasrec: SasRecConfig,
     pub train: TrainConfig,
     pub eval: EvalConfig,
+    pub ur4rec: Ur4RecConfig,
 }
 
 impl Default for Config {
@@ -144,16 +269,17 @@ impl Default for Config {
 }
 
 impl Config {
-    pub const PRESETS: &'static [&'static str] = &["default", "ur4rec", "sasrec-paper"];
+    pub const PRESETS: &'static [&'static str] = &["default", "ur4rec", "ur4rec-synthetic", "sasrec-paper"];
 
     /// - `default`: a small, fast SASRec for the synthetic data (about a minute on 2 cores).
     /// - `ur4rec`: the UR4Rec reference configuration (reference-model.md §2): d 256, 2 blocks, 4 heads,
     ///   dropout 0.1, L 50, post-LN, AdamW 1e-3 / wd 1e-5, warmup 100 + cosine, clip 1.0, batch 32.
     /// - `sasrec-paper`: Kang & McAuley's setting: d 50, 2 blocks, 1 head, dropout 0.2, L 200, batch 128,
     ///   Adam lr 1e-3 (β₂ 0.98), constant lr, no clipping, every-position BCE, all ratings kept.
+    /// - `ur4rec-synthetic`: the four-stage UR4Rec pipeline sized for the synthetic data.
     pub fn preset(name: &str) -> Result<Config, String> {
-        let mut c = Config { seed: 42, data: DataConfig::default(), sasrec: SasRecConfig::default(),
-                             train: TrainConfig::default(), eval: EvalConfig::default() };
+        let mut c = Config { seed: 42, pipeline: Pipeline::Sasrec, data: DataConfig::default(), sasrec: SasRecConfig::default(),
+                             train: TrainConfig::default(), eval: EvalConfig::default(), ur4rec: Ur4RecConfig::default() };
         match name {
             "default" => {
                 c.sasrec = SasRecConfig { hidden: 64, blocks: 2, heads: 2, ffn: 64, dropout: 0.2, max_len: 50,
@@ -169,10 +295,25 @@ impl Config {
                 c.train.patience = 0;
             }
             "ur4rec" => {
+                c.pipeline = Pipeline::Ur4rec;
                 c.train.batch_size = 32;
                 c.train.epochs = 10;
+                c.train.objective = Objective::LastBpr;
                 c.data.min_rating = 4.0;
                 c.eval.batch_size = 64;
+            }
+            "ur4rec-synthetic" => {
+                // The whole four-stage pipeline on the built-in data in a few minutes on 2 cores.
+                c.pipeline = Pipeline::Ur4rec;
+                c.sasrec = SasRecConfig { hidden: 64, blocks: 2, heads: 2, ffn: 64, dropout: 0.2, max_len: 50,
+                                          norm: NormPlacement::Pre, scale_embedding: true, layer_norm_eps: 1e-8 };
+                c.ur4rec.retriever.hidden = 128;
+                c.ur4rec.retriever.dim = 64;
+                c.ur4rec.stage_epochs = [20, 10, 5, 5];
+                c.train.batch_size = 64;
+                c.train.beta2 = 0.98;
+                c.train.warmup_steps = 20;
+                c.eval.full_ranking = true;
             }
             "sasrec-paper" => {
                 c.sasrec = SasRecConfig { hidden: 50, blocks: 2, heads: 1, ffn: 50, dropout: 0.2, max_len: 200,

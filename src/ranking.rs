@@ -83,3 +83,87 @@ pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamSto
     }
     Ok(EvalResult { sampled: sampled.finish(), full: cfg.full_ranking.then(|| full.finish()) })
 }
+
+/// UR4Rec's evaluation: the fused ranking and each tower's own, from one pass.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Ur4RecEval {
+    pub fused: EvalResult,
+    pub sasrec: EvalResult,
+    pub retriever: EvalResult,
+}
+
+struct Accumulators {
+    sampled: [MetricAccumulator; 3],
+    full: [MetricAccumulator; 3],
+}
+
+/// Evaluates UR4Rec on every user under both protocols; fused = 0.5·softmax(SASRec) + 0.5·softmax(retriever)
+/// over the candidates (over all items for full ranking).
+pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur4Rec, store: &ParamStore<B>,
+                                   split: &Split, eval_negatives: &[Vec<u32>], which: EvalTarget, cfg: &EvalConfig)
+                                   -> Result<Ur4RecEval, EvalError> {
+    use crate::model::ur4rec::fuse_scores;
+    let users = split.train.len();
+    let n_items = model.sasrec.num_items;
+    let mut acc = Accumulators { sampled: Default::default(), full: Default::default() };
+    // Every item's retriever vector, once per pass (the fusion MLP runs over the whole catalogue).
+    let all_items: Vec<u32> = (0..=n_items as u32).collect();
+    let item_vectors = if cfg.full_ranking {
+        let mut tape = Tape::inference(backend);
+        let rv = model.retriever.bind(&mut tape, store);
+        let v = model.retriever.items(&mut tape, &rv, &all_items);
+        Some(tape.to_host(v))
+    } else {
+        None
+    };
+    let bs = cfg.batch_size.max(1);
+    for start in (0..users).step_by(bs) {
+        let end = (start + bs).min(users);
+        let s = end - start;
+        let cases: Vec<(Vec<u32>, u32)> = (start..end).map(|u| eval_case(split, u, which)).collect();
+        let seqs: Vec<&[u32]> = cases.iter().map(|c| c.0.as_slice()).collect();
+        let batch = SeqBatch::new(backend, &seqs, model.sasrec.cfg.max_len);
+        let mut tape = Tape::inference(backend);
+        let sv = model.sasrec.bind(&mut tape, store);
+        let rv = model.retriever.bind(&mut tape, store);
+        let h = model.sasrec.user_vectors(&mut tape, &sv, &batch);
+        let user_ids: Vec<u32> = (start as u32 + 1..=end as u32).collect();
+        let (ti, vi) = model.user_inputs(&mut tape, &user_ids);
+        let p = model.retriever.users(&mut tape, &rv, ti, vi).fused;
+        let j = 1 + eval_negatives[start].len();
+        let mut cand = Vec::with_capacity(s * j);
+        for (i, u) in (start..end).enumerate() {
+            if eval_negatives[u].len() + 1 != j {
+                return Err(EvalError::Inconsistent(format!("user {} has {} sampled negatives, others {}", u + 1, eval_negatives[u].len(), j - 1)));
+            }
+            cand.push(cases[i].1);
+            cand.extend_from_slice(&eval_negatives[u]);
+        }
+        let ss = tape.score_candidates(h, sv.item_table, &cand, j);
+        let rs = model.retriever.score(&mut tape, &rv, p, &cand, j);
+        let (ss, rs) = (tape.to_host(ss), tape.to_host(rs));
+        let fs = fuse_scores(&ss, &rs, j);
+        for (i, u) in (start..end).enumerate() {
+            for (a, sc) in acc.sampled.iter_mut().zip([&fs, &ss, &rs]) {
+                a.push(&rank_sampled(&sc[i * j..(i + 1) * j], 0, u + 1)?);
+            }
+        }
+        if let Some(iv) = &item_vectors {
+            let w = n_items + 1;
+            let s_all = tape.matmul(h, sv.item_table, false, true);
+            let d = model.retriever.cfg.dim;
+            let items = tape.constant(&[w, d], iv);
+            let r_all = tape.matmul(p, items, false, true);
+            let r_all = tape.scale(r_all, model.retriever.logit_scale());
+            let (s_all, r_all) = (tape.to_host(s_all), tape.to_host(r_all));
+            let f_all = fuse_scores(&s_all, &r_all, w);
+            for (i, u) in (start..end).enumerate() {
+                for (a, sc) in acc.full.iter_mut().zip([&f_all, &s_all, &r_all]) {
+                    a.push(&rank_full(&sc[i * w..(i + 1) * w], cases[i].1, &cases[i].0, u + 1)?);
+                }
+            }
+        }
+    }
+    let result = |k: usize| EvalResult { sampled: acc.sampled[k].finish(), full: cfg.full_ranking.then(|| acc.full[k].finish()) };
+    Ok(Ur4RecEval { fused: result(0), sasrec: result(1), retriever: result(2) })
+}

@@ -4,4 +4,5 @@ pub mod optim;
 pub mod schedule;
 pub mod objective;
 pub mod trainer;
+pub mod ur4rec_trainer;
 pub mod strategies;

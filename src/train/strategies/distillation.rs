@@ -33,6 +33,7 @@ pub enum KdDirection {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DistillConfig {
     pub enabled: bool,
     pub temperature: f32,

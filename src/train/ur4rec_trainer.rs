@@ -1,0 +1,439 @@
+//! The four-stage UR4Rec trainer (mission.md §5) with the five improvements as switchable strategies.
+//!
+//! Stage 1 pre-trains SASRec (retriever frozen); stage 2 the retriever (SASRec frozen); stage 3 fine-tunes
+//! jointly with alternation (parity or adaptive) — only the active tower's groups are trainable; stage 4
+//! trains end to end (optionally unfreezing by schedule). Each stage has its own epochs, warmup + cosine
+//! over its own steps, early stopping on validation NDCG@10 and a reload of its best weights (and memory
+//! bank). With `keep_start_if_better`, a stage's starting weights are a selection candidate too.
+use crate::backend::Backend;
+use crate::checkpoint;
+use crate::config::{AlternationKind, Config, ContrastiveKind, StageSelection, WeightsKind};
+use crate::model::ur4rec::Ur4Rec;
+use crate::params::{ParamBuilder, ParamStore};
+use crate::ranking::{evaluate_ur4rec, EvalTarget, Ur4RecEval};
+use crate::report::RunDir;
+use crate::rng::Rng;
+use crate::tape::{Tape, Var};
+use crate::train::batch::SeqBatch;
+use crate::train::objective::sasrec_loss;
+use crate::train::optim::AdamW;
+use crate::train::schedule::lr_factor;
+use crate::train::strategies::{AdaptiveAlternation, Alternation, LossWeights, MemoryBank, Module, ParityAlternation,
+                               UnfreezeSchedule, Weights};
+use crate::train::trainer::{PreparedData, RunOptions};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+const GROUPS_RETRIEVER: [&str; 3] = ["retriever", "visual", "fusion"];
+
+/// Loss terms of one step (0 where a term is off).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepLosses {
+    pub total: f32,
+    pub sasrec: f32,
+    pub retrieval: f32,
+    pub consistency: f32,
+    pub contrastive: f32,
+    pub diversity: f32,
+    pub distillation: f32,
+}
+
+#[derive(Serialize)]
+struct StepRecord<'a> {
+    kind: &'a str,
+    stage: usize,
+    epoch: usize,
+    step: usize,
+    stage_step: usize,
+    losses: &'a StepLosses,
+    weights: &'a Weights,
+    lr: BTreeMap<String, f32>,
+    active: &'a str,
+    grad_norm: BTreeMap<String, f64>,
+}
+
+#[derive(Serialize)]
+struct EvalRecord<'a> {
+    kind: &'a str,
+    stage: usize,
+    epoch: usize,
+    step: usize,
+    split: &'a str,
+    eval: &'a Ur4RecEval,
+    selection: f64,
+    train_loss: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StageSummary {
+    pub stage: usize,
+    pub epochs_run: usize,
+    /// Epoch of the selected weights (0 = the stage's starting weights).
+    pub best_epoch: usize,
+    pub selection_ndcg10: f64,
+    pub valid: Ur4RecEval,
+    pub seconds: f64,
+    pub switches: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Ur4RecSummary {
+    pub dataset: String,
+    pub users: usize,
+    pub items: usize,
+    pub parameters: usize,
+    pub stages: Vec<StageSummary>,
+    pub test: Ur4RecEval,
+    pub chance_hit10_sampled: f64,
+    pub wall_seconds: f64,
+}
+
+impl std::fmt::Display for Ur4RecSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "data {}: {} users, {} items; {} parameters", self.dataset, self.users, self.items, self.parameters)?;
+        for s in &self.stages {
+            writeln!(f, "stage {}: {} epochs in {:.1} s, selected epoch {} (valid NDCG@10 {:.4}){}", s.stage, s.epochs_run,
+                     s.seconds, s.best_epoch, s.selection_ndcg10,
+                     if s.switches > 0 { format!(", {} switches", s.switches) } else { String::new() })?;
+        }
+        writeln!(f, "test, sampled: fused     {}", self.test.fused.sampled)?;
+        writeln!(f, "               SASRec    {}", self.test.sasrec.sampled)?;
+        writeln!(f, "               retriever {}", self.test.retriever.sampled)?;
+        writeln!(f, "  chance level Hit@10 = {:.4}", self.chance_hit10_sampled)?;
+        if let Some(full) = &self.test.fused.full {
+            writeln!(f, "test, full ranking (history masked): fused {full}")?;
+        }
+        write!(f, "wall time {:.1} s", self.wall_seconds)
+    }
+}
+
+fn say(bar: &indicatif::ProgressBar, msg: String) {
+    if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) }
+}
+
+/// The selection metric of a stage.
+fn selection(cfg: &Config, stage: usize, e: &Ur4RecEval) -> f64 {
+    match (stage, cfg.ur4rec.stage2_selection) {
+        (1, _) => e.sasrec.sampled.ndcg10,
+        (2, StageSelection::OwnTower) => e.retriever.sampled.ndcg10,
+        _ => e.fused.sampled.ndcg10,
+    }
+}
+
+struct Trainer<'a, B: Backend> {
+    backend: &'a B,
+    cfg: &'a Config,
+    data: &'a PreparedData,
+    model: Ur4Rec,
+    store: ParamStore<B>,
+    opt: AdamW,
+    rng: Rng,
+    step: usize,
+    banks: Option<(MemoryBank, MemoryBank)>,
+    weights: LossWeights,
+}
+
+impl<'a, B: Backend> Trainer<'a, B> {
+    fn set_stage_trainable(&mut self, stage: usize, active: Module) {
+        let sasrec = self.store.group_index("sasrec");
+        let on_sasrec = matches!((stage, active), (1, _) | (3, Module::Sasrec) | (4, _));
+        let on_retriever = matches!((stage, active), (2, _) | (3, Module::Retriever) | (4, _));
+        if let Some(g) = sasrec {
+            self.store.set_group_trainable(g, on_sasrec);
+        }
+        for name in GROUPS_RETRIEVER {
+            if let Some(g) = self.store.group_index(name) {
+                self.store.set_group_trainable(g, on_retriever);
+            }
+        }
+    }
+
+    fn group_lrs(&self, stage: usize, stage_step: usize, stage_steps: usize) -> Vec<f32> {
+        let t = &self.cfg.train;
+        let f = lr_factor(t.schedule, stage_step, stage_steps, t.warmup_steps) * self.cfg.ur4rec.stage_lr_scale[stage - 1];
+        self.store.groups.iter().map(|g| if g.name == "sasrec" { t.lr * f } else { self.cfg.ur4rec.retriever_lr * f }).collect()
+    }
+
+    /// Builds the loss of one batch; returns the total and its terms.
+    fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, StepLosses, Option<(Vec<f32>, Vec<f32>)>)>> {
+        let cfg = &self.cfg.ur4rec;
+        let data = self.data;
+        let users: Vec<usize> = users.iter().copied().filter(|&u| data.split.train[u].len() >= 2).collect();
+        if users.is_empty() {
+            return Ok(None);
+        }
+        let sv = self.model.sasrec.bind(tape, &self.store);
+        let mut l = StepLosses::default();
+        if stage == 1 {
+            let Some(bl) = sasrec_loss(tape, &self.model.sasrec, &sv, &data.split.train, &users, &data.sampler, &mut self.rng,
+                                       self.cfg.train.objective, cfg.negatives) else { return Ok(None) };
+            l.sasrec = tape.scalar(bl.loss);
+            l.total = l.sasrec;
+            return Ok(Some((bl.loss, l, None)));
+        }
+        let k = cfg.negatives;
+        let j = 1 + k;
+        let mut cands = vec![0u32; users.len() * j];
+        for (i, &u) in users.iter().enumerate() {
+            cands[i * j] = *data.split.train[u].last().unwrap();
+            data.sampler.sample(&mut self.rng, u as u32 + 1, &mut cands[i * j + 1..(i + 1) * j]);
+        }
+        let w = self.weights.at(self.step);
+        let mut terms: Vec<Var> = Vec::new();
+        // SASRec: BPR of the last training item against the negatives (needed in stages 3–4, and for KD).
+        let s = if stage >= 3 {
+            let inputs: Vec<&[u32]> = users.iter().map(|&u| &data.split.train[u][..data.split.train[u].len() - 1]).collect();
+            let batch = SeqBatch::new(self.backend, &inputs, self.model.sasrec.cfg.max_len);
+            let h = self.model.sasrec.user_vectors(tape, &sv, &batch);
+            let s = tape.score_candidates(h, sv.item_table, &cands, j);
+            let pos = tape.gather_cols(s, &vec![0; users.len()], 1);
+            let neg_idx: Vec<u32> = (0..users.len()).flat_map(|_| 1..j as u32).collect();
+            let neg = tape.gather_cols(s, &neg_idx, k);
+            let bpr = tape.bpr(pos, neg);
+            l.sasrec = tape.scalar(bpr);
+            terms.push(tape.scale(bpr, cfg.sasrec_weight));
+            Some(s)
+        } else {
+            None
+        };
+        // Retriever: BCE over [positive | negatives] of cos/τ logits.
+        let rv = self.model.retriever.bind(tape, &self.store);
+        let ids: Vec<u32> = users.iter().map(|&u| u as u32 + 1).collect();
+        let (ti, vi) = self.model.user_inputs(tape, &ids);
+        let uv = self.model.retriever.users(tape, &rv, ti, vi);
+        let r = self.model.retriever.score(tape, &rv, uv.fused, &cands, j);
+        let labels: Vec<f32> = (0..cands.len()).map(|i| if i % j == 0 { 1.0 } else { 0.0 }).collect();
+        let ret = tape.bce_logits(r, &labels);
+        l.retrieval = tape.scalar(ret);
+        terms.push(tape.scale(ret, cfg.retrieval_weight));
+        let mut enqueue = None;
+        if let Some(v) = uv.visual {
+            // Modality consistency, contrastive InfoNCE (symmetric), LogDet diversity of the fused vectors.
+            let cons = tape.mse(uv.text, v);
+            l.consistency = tape.scalar(cons);
+            let (bank_t, bank_v): (&[f32], &[f32]) = match &self.banks {
+                Some((bt, bv)) => (&bt.keys, &bv.keys),
+                None => (&[], &[]),
+            };
+            let (users_t, users_v): (&[u32], &[u32]) = match &self.banks {
+                Some((bt, bv)) => (&bt.users, &bv.users),
+                None => (&[], &[]),
+            };
+            let tv = tape.infonce_bank(uv.text, v, bank_v, users_v, &ids, cfg.contrastive_tau);
+            let vt = tape.infonce_bank(v, uv.text, bank_t, users_t, &ids, cfg.contrastive_tau);
+            let ctr = tape.add(tv, vt);
+            let ctr = tape.scale(ctr, 0.5);
+            l.contrastive = tape.scalar(ctr);
+            let g = tape.matmul(uv.fused, uv.fused, false, true);
+            let g = tape.add_identity(g, cfg.diversity_eps);
+            let ld = tape.logdet(g);
+            let div = tape.scale(ld, -1.0);
+            l.diversity = tape.scalar(div);
+            if w.consistency > 0.0 { terms.push(tape.scale(cons, w.consistency)); }
+            if w.contrastive > 0.0 { terms.push(tape.scale(ctr, w.contrastive)); }
+            if w.diversity > 0.0 { terms.push(tape.scale(div, w.diversity)); }
+            if self.banks.is_some() {
+                enqueue = Some((tape.to_host(uv.text), tape.to_host(v)));
+            }
+        }
+        // Bidirectional distillation over the same candidates.
+        let kd = &cfg.distillation;
+        if let (true, Some(s)) = (kd.applies(stage), s) {
+            if kd.confidence_weighted {
+                bail!("ur4rec.distillation.confidence_weighted is not supported by the trainer yet");
+        }
+            let t = kd.temperature;
+            let r_scale = if self.model.retriever.cfg.raw_cosine { kd.retriever_logit_scale } else { 1.0 };
+            let st = tape.scale(s, 1.0 / t);
+            let rt = tape.scale(r, r_scale / t);
+            let ps = tape.softmax(st);
+            let ps = tape.detach(ps);
+            let pr = tape.softmax(rt);
+            let pr = tape.detach(pr);
+            let (c_s, c_r) = kd.coefficients(0.5, 0.5);
+            let to_s = tape.kl_div(st, pr);
+            let to_r = tape.kl_div(rt, ps);
+            let a = tape.scale(to_s, c_s as f32);
+            let b = tape.scale(to_r, c_r as f32);
+            let sum = tape.add(a, b);
+            let kdl = tape.scale(sum, t * t);
+            l.distillation = tape.scalar(kdl);
+            terms.push(tape.scale(kdl, kd.weight));
+        }
+        let mut total = terms[0];
+        for &t in &terms[1..] {
+            total = tape.add(total, t);
+        }
+        l.total = tape.scalar(total);
+        Ok(Some((total, l, enqueue)))
+    }
+}
+
+/// Trains the four UR4Rec stages and evaluates on the test split.
+pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, run: &mut RunDir, opts: &RunOptions)
+                                -> Result<Ur4RecSummary> {
+    let wall = Instant::now();
+    let u = &cfg.ur4rec;
+    let mut init_rng = Rng::derive(cfg.seed, "init");
+    let mut builder = ParamBuilder::new();
+    let model = Ur4Rec::new(&mut builder, cfg, &data.dataset, &data.split, &mut init_rng)?;
+    let mut store = builder.build(backend);
+    model.init_item_tables(backend, &mut store);
+    let users = data.split.train.len();
+    let bs = cfg.train.batch_size.max(1);
+    let steps_per_epoch = users.div_ceil(bs);
+    let total_steps: usize = u.stage_epochs.iter().map(|e| e * steps_per_epoch).sum();
+    let weights = match u.weights {
+        WeightsKind::Fixed => LossWeights::fixed(),
+        WeightsKind::Curriculum => LossWeights::curriculum(total_steps),
+    };
+    let banks = (u.contrastive == ContrastiveKind::MemoryBank && model.retriever.has_visual()).then(|| {
+        let size = if u.bank_size > 0 { u.bank_size } else { MemoryBank::default_size(data.dataset.num_users) };
+        let mut r = Rng::derive(cfg.seed, "memory-bank");
+        (MemoryBank::new(size, u.retriever.dim, &mut r), MemoryBank::new(size, u.retriever.dim, &mut r))
+    });
+    let mut unfreeze = UnfreezeSchedule::parse(&u.unfreeze).map_err(anyhow::Error::msg)?;
+    let names: Vec<&str> = store.infos.iter().map(|p| p.name.as_str()).collect();
+    unfreeze.validate(&names).map_err(anyhow::Error::msg).context("ur4rec.unfreeze")?;
+    let opt = AdamW::new(store.infos.len(), cfg.train.beta1, cfg.train.beta2, cfg.train.adam_eps, cfg.train.weight_decay);
+    let mut tr = Trainer { backend, cfg, data, model, store, opt, rng: Rng::derive(cfg.seed, "train"), step: 0, banks, weights };
+    let bar = if opts.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps as u64) };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let mut order: Vec<usize> = (0..users).collect();
+    let mut stages = Vec::new();
+    for stage in 1..=4 {
+        let epochs = u.stage_epochs[stage - 1];
+        if epochs == 0 {
+            continue;
+        }
+        let stage_start = Instant::now();
+        let stage_steps = epochs * steps_per_epoch;
+        let mut alternation = match u.alternation {
+            AlternationKind::Parity => Alternation::Parity(ParityAlternation),
+            AlternationKind::Adaptive => Alternation::Adaptive(AdaptiveAlternation::default()),
+            AlternationKind::AdaptiveFaithful => Alternation::Adaptive(AdaptiveAlternation::faithful(0.01, 10)),
+        };
+        tr.set_stage_trainable(stage, alternation.active(0));
+        let progressive = stage == 4 && !unfreeze.is_empty();
+        if progressive {
+            for g in 0..tr.store.groups.len() {
+                tr.store.set_group_trainable(g, false);
+            }
+        }
+        let ckpt = run.file(&format!("stage{stage}_best.safetensors"));
+        let mut best: Option<(usize, f64, Ur4RecEval, Option<(MemoryBank, MemoryBank)>)> = None;
+        if u.keep_start_if_better && stage > 1 {
+            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval)?;
+            let sel = selection(cfg, stage, &e);
+            run.log(&EvalRecord { kind: "eval", stage, epoch: 0, step: tr.step, split: "valid", eval: &e, selection: sel, train_loss: f64::NAN })?;
+            checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), "0".into())]))?;
+            best = Some((0, sel, e, tr.banks.clone()));
+        }
+        let mut since_best = 0;
+        let mut epochs_run = 0;
+        let mut switches = 0;
+        let mut stage_step = 0usize;
+        for epoch in 1..=epochs {
+            epochs_run = epoch;
+            tr.rng.shuffle(&mut order);
+            let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
+            for chunk in order.chunks(bs) {
+                let active = alternation.active(stage_step);
+                if stage == 3 {
+                    tr.set_stage_trainable(3, active);
+                }
+                if progressive {
+                    for ev in unfreeze.due(stage_step) {
+                        for p in &ev.prefixes {
+                            tr.store.set_prefix_trainable(p, true);
+                        }
+                        run.log(&serde_json::json!({"kind": "unfreeze", "stage": stage, "step": tr.step, "stage_step": stage_step, "prefixes": ev.prefixes}))?;
+                    }
+                }
+                let lrs = tr.group_lrs(stage, stage_step, stage_steps);
+                let mut tape = Tape::new(backend, cfg.seed, tr.step as u64);
+                let Some((loss, l, enqueue)) = tr.losses(&mut tape, stage, chunk)? else { continue };
+                if !l.total.is_finite() {
+                    bail!("non-finite loss at stage {stage}, epoch {epoch}, step {} ({l:?})", tr.step);
+                }
+                tr.store.zero_grads(backend);
+                tape.backward(loss, &mut tr.store.grads);
+                drop(tape);
+                let reports = tr.opt.step(backend, &mut tr.store, &lrs, cfg.train.clip_norm);
+                let mut grad_norm = BTreeMap::new();
+                for r in &reports {
+                    if !r.grad_norm.is_finite() {
+                        bail!("non-finite gradient in parameter group {} at stage {stage}, step {}", tr.store.groups[r.group].name, tr.step);
+                    }
+                    grad_norm.insert(tr.store.groups[r.group].name.clone(), r.grad_norm);
+                }
+                if let (Some((bt, bv)), Some((t, v))) = (tr.banks.as_mut(), enqueue) {
+                    let ids: Vec<u32> = chunk.iter().filter(|&&x| data.split.train[x].len() >= 2).map(|&x| x as u32 + 1).collect();
+                    bt.enqueue(&t, &ids, tr.step as u64);
+                    bv.enqueue(&v, &ids, tr.step as u64);
+                }
+                if stage == 3 {
+                    if let Some(ev) = alternation.record(stage_step, l.sasrec, l.retrieval) {
+                        switches += 1;
+                        run.log(&serde_json::json!({"kind": "switch", "stage": stage, "step": tr.step, "stage_step": stage_step,
+                                                    "from": ev.from.name(), "to": ev.to.name(), "change": ev.change}))?;
+                    }
+                }
+                if cfg.train.log_every > 0 && tr.step % cfg.train.log_every == 0 {
+                    let lr = tr.store.groups.iter().zip(&lrs).map(|(g, &l)| (g.name.clone(), l)).collect();
+                    let w = tr.weights.at(tr.step);
+                    run.log(&StepRecord { kind: "step", stage, epoch, step: tr.step, stage_step, losses: &l, weights: &w, lr,
+                                          active: if stage == 3 { active.name() } else { "all" }, grad_norm })?;
+                }
+                loss_sum += l.total as f64;
+                loss_n += 1;
+                tr.step += 1;
+                stage_step += 1;
+                bar.inc(1);
+                bar.set_message(format!("stage {stage} epoch {epoch} loss {:.4}", loss_sum / loss_n as f64));
+            }
+            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval)?;
+            let sel = selection(cfg, stage, &e);
+            run.log(&EvalRecord { kind: "eval", stage, epoch, step: tr.step, split: "valid", eval: &e, selection: sel,
+                                  train_loss: loss_sum / loss_n.max(1) as f64 })?;
+            run.flush()?;
+            say(&bar, format!("stage {stage} epoch {epoch:>3}  loss {:.4}  valid NDCG@10 fused {:.4} sasrec {:.4} retriever {:.4}",
+                              loss_sum / loss_n.max(1) as f64, e.fused.sampled.ndcg10, e.sasrec.sampled.ndcg10, e.retriever.sampled.ndcg10));
+            if best.as_ref().is_none_or(|b| sel > b.1) {
+                checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), epoch.to_string())]))?;
+                best = Some((epoch, sel, e, tr.banks.clone()));
+                since_best = 0;
+            } else {
+                since_best += 1;
+                if cfg.train.patience > 0 && since_best >= cfg.train.patience {
+                    say(&bar, format!("stage {stage}: early stop after {since_best} epochs without improvement"));
+                    break;
+                }
+            }
+        }
+        let (best_epoch, sel, valid, banks) = best.context("stage ran no epoch")?;
+        checkpoint::load_params(backend, &mut tr.store, &ckpt)?;
+        // The memory bank goes back to the state it had with the selected weights (mission.md §10).
+        tr.banks = banks;
+        stages.push(StageSummary { stage, epochs_run, best_epoch, selection_ndcg10: sel, valid,
+                                   seconds: stage_start.elapsed().as_secs_f64(), switches });
+    }
+    bar.finish_and_clear();
+    let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval)?;
+    run.log(&EvalRecord { kind: "eval", stage: 5, epoch: 0, step: tr.step, split: "test", eval: &test, selection: test.fused.sampled.ndcg10, train_loss: f64::NAN })?;
+    run.flush()?;
+    checkpoint::save_params(backend, &tr.store, &run.file("final.safetensors"), HashMap::new())?;
+    Ok(Ur4RecSummary {
+        dataset: data.dataset.name.clone(),
+        users: data.dataset.num_users,
+        items: data.dataset.num_items,
+        parameters: tr.store.len(),
+        stages,
+        test,
+        chance_hit10_sampled: data.sampled_chance_hit10(cfg.eval.negatives),
+        wall_seconds: wall.elapsed().as_secs_f64(),
+    })
+}
