@@ -177,6 +177,17 @@ pub enum AlternationKind {
     AdaptiveFaithful,
 }
 
+/// The retriever's main loss over `[positive | negatives]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetrievalLoss {
+    /// Binary cross-entropy with logits per candidate (the reference). With cos/τ logits its degenerate
+    /// minimum pushes every candidate away (loss → ≈ 14/6), which ranks nothing.
+    Bce,
+    /// Cross-entropy of the positive among the candidates (sampled softmax): only relative scores matter.
+    Softmax,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum WeightsKind {
@@ -218,7 +229,13 @@ pub struct Ur4RecConfig {
     pub distillation: crate::train::strategies::DistillConfig,
     /// Progressive unfreezing in stage 4: entries `"step:prefix,prefix"` (steps counted within stage 4).
     pub unfreeze: Vec<String>,
-    /// Weights of the SASRec BPR and retrieval BCE terms.
+    pub retrieval_loss: RetrievalLoss,
+    /// SASRec's weight α in the fused score α·softmax(SASRec) + (1−α)·softmax(retriever) (reference 0.5).
+    pub fusion_alpha: f32,
+    /// Refit α on validation after every stage over {0, 0.1, …, 1} (mission.md §10: a confident but weaker
+    /// retriever otherwise drags the fused ranking below SASRec's own).
+    pub calibrate_fusion: bool,
+    /// Weights of the SASRec BPR and retrieval terms.
     pub sasrec_weight: f32,
     pub retrieval_weight: f32,
 }
@@ -244,6 +261,9 @@ impl Default for Ur4RecConfig {
             diversity_eps: 0.1,
             distillation: Default::default(),
             unfreeze: Vec::new(),
+            retrieval_loss: RetrievalLoss::Softmax,
+            fusion_alpha: 0.5,
+            calibrate_fusion: true,
             sasrec_weight: 1.0,
             retrieval_weight: 1.0,
         }
@@ -269,19 +289,21 @@ impl Default for Config {
 }
 
 impl Config {
-    pub const PRESETS: &'static [&'static str] = &["default", "ur4rec", "ur4rec-synthetic", "sasrec-paper"];
+    pub const PRESETS: &'static [&'static str] = &["default", "sasrec", "ur4rec", "sasrec-paper"];
 
-    /// - `default`: a small, fast SASRec for the synthetic data (about a minute on 2 cores).
+    /// - `default`: the four-stage UR4Rec pipeline sized for the built-in synthetic data (under a minute on 2
+    ///   cores); the synthetic user-text features are noisy projections of the users' factors (no leakage), so
+    ///   they are used directly, with a retriever learning rate of 1e-3.
+    /// - `sasrec`: SASRec alone, sized for the synthetic data.
     /// - `ur4rec`: the UR4Rec reference configuration (reference-model.md §2): d 256, 2 blocks, 4 heads,
     ///   dropout 0.1, L 50, post-LN, AdamW 1e-3 / wd 1e-5, warmup 100 + cosine, clip 1.0, batch 32.
     /// - `sasrec-paper`: Kang & McAuley's setting: d 50, 2 blocks, 1 head, dropout 0.2, L 200, batch 128,
     ///   Adam lr 1e-3 (β₂ 0.98), constant lr, no clipping, every-position BCE, all ratings kept.
-    /// - `ur4rec-synthetic`: the four-stage UR4Rec pipeline sized for the synthetic data.
     pub fn preset(name: &str) -> Result<Config, String> {
         let mut c = Config { seed: 42, pipeline: Pipeline::Sasrec, data: DataConfig::default(), sasrec: SasRecConfig::default(),
                              train: TrainConfig::default(), eval: EvalConfig::default(), ur4rec: Ur4RecConfig::default() };
         match name {
-            "default" => {
+            "default" | "sasrec" => {
                 c.sasrec = SasRecConfig { hidden: 64, blocks: 2, heads: 2, ffn: 64, dropout: 0.2, max_len: 50,
                                           norm: NormPlacement::Pre, scale_embedding: true, layer_norm_eps: 1e-8 };
                 c.train.epochs = 30;
@@ -293,27 +315,25 @@ impl Config {
                 c.train.clip_norm = 0.0;
                 c.train.eval_every = 5;
                 c.train.patience = 0;
+                if name == "default" {
+                    c.pipeline = Pipeline::Ur4rec;
+                    c.train.batch_size = 64;
+                    c.train.warmup_steps = 20;
+                    c.train.schedule = Schedule::WarmupCosine;
+                    c.train.patience = 3;
+                    c.ur4rec.retriever.hidden = 128;
+                    c.ur4rec.retriever.dim = 64;
+                    c.ur4rec.stage_epochs = [20, 10, 5, 5];
+                    c.ur4rec.user_vectors = UserVectorSource::Provided;
+                    c.ur4rec.retriever_lr = 1e-3;
+                }
             }
             "ur4rec" => {
                 c.pipeline = Pipeline::Ur4rec;
                 c.train.batch_size = 32;
                 c.train.epochs = 10;
-                c.train.objective = Objective::LastBpr;
                 c.data.min_rating = 4.0;
                 c.eval.batch_size = 64;
-            }
-            "ur4rec-synthetic" => {
-                // The whole four-stage pipeline on the built-in data in a few minutes on 2 cores.
-                c.pipeline = Pipeline::Ur4rec;
-                c.sasrec = SasRecConfig { hidden: 64, blocks: 2, heads: 2, ffn: 64, dropout: 0.2, max_len: 50,
-                                          norm: NormPlacement::Pre, scale_embedding: true, layer_norm_eps: 1e-8 };
-                c.ur4rec.retriever.hidden = 128;
-                c.ur4rec.retriever.dim = 64;
-                c.ur4rec.stage_epochs = [20, 10, 5, 5];
-                c.train.batch_size = 64;
-                c.train.beta2 = 0.98;
-                c.train.warmup_steps = 20;
-                c.eval.full_ranking = true;
             }
             "sasrec-paper" => {
                 c.sasrec = SasRecConfig { hidden: 50, blocks: 2, heads: 1, ffn: 50, dropout: 0.2, max_len: 200,

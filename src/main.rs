@@ -3,7 +3,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use ur4rec_engine::backend::{cuda, Backend, CpuBackend};
-use ur4rec_engine::config::Config;
+use ur4rec_engine::config::{Config, Pipeline};
+use ur4rec_engine::train::ur4rec_trainer::train_ur4rec;
 use ur4rec_engine::params::ParamBuilder;
 use ur4rec_engine::report::{default_run_dir, RunDir};
 use ur4rec_engine::rng::Rng;
@@ -155,9 +156,19 @@ fn train(args: TrainArgs) -> Result<()> {
     run.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     eprintln!("data {}: {} users, {} items; run directory {}", data.dataset.name, data.dataset.num_users,
               data.dataset.num_items, out.display());
-    let summary = train_sasrec(&backend, &cfg, &data, &mut run, &RunOptions { quiet: args.quiet })?;
-    run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    println!("{summary}");
+    let opts = RunOptions { quiet: args.quiet };
+    match cfg.pipeline {
+        Pipeline::Sasrec => {
+            let summary = train_sasrec(&backend, &cfg, &data, &mut run, &opts)?;
+            run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
+            println!("{summary}");
+        }
+        Pipeline::Ur4rec => {
+            let summary = train_ur4rec(&backend, &cfg, &data, &mut run, &opts)?;
+            run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
+            println!("{summary}");
+        }
+    }
     println!("run directory: {}", out.display());
     Ok(())
 }

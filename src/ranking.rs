@@ -87,9 +87,13 @@ pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamSto
 /// UR4Rec's evaluation: the fused ranking and each tower's own, from one pass.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Ur4RecEval {
+    /// The fusion weight of SASRec used for `fused`.
+    pub alpha: f32,
     pub fused: EvalResult,
     pub sasrec: EvalResult,
     pub retriever: EvalResult,
+    /// Sampled metrics of the fused ranking for each weight of the calibration grid.
+    pub sweep: Vec<(f32, Metrics)>,
 }
 
 struct Accumulators {
@@ -97,15 +101,18 @@ struct Accumulators {
     full: [MetricAccumulator; 3],
 }
 
-/// Evaluates UR4Rec on every user under both protocols; fused = 0.5·softmax(SASRec) + 0.5·softmax(retriever)
-/// over the candidates (over all items for full ranking).
+/// Evaluates UR4Rec on every user under both protocols; fused = α·softmax(SASRec) + (1−α)·softmax(retriever)
+/// over the candidates (over all items for full ranking). The reference fixed α = 0.5; `sweep` lists weights
+/// whose sampled fused metrics are also computed, from the same scores, for calibration on validation.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur4Rec, store: &ParamStore<B>,
-                                   split: &Split, eval_negatives: &[Vec<u32>], which: EvalTarget, cfg: &EvalConfig)
-                                   -> Result<Ur4RecEval, EvalError> {
+                                   split: &Split, eval_negatives: &[Vec<u32>], which: EvalTarget, cfg: &EvalConfig,
+                                   alpha: f32, sweep: &[f32]) -> Result<Ur4RecEval, EvalError> {
     use crate::model::ur4rec::fuse_scores;
     let users = split.train.len();
     let n_items = model.sasrec.num_items;
     let mut acc = Accumulators { sampled: Default::default(), full: Default::default() };
+    let mut sweep_acc = vec![MetricAccumulator::default(); sweep.len()];
     // Every item's retriever vector, once per pass (the fusion MLP runs over the whole catalogue).
     let all_items: Vec<u32> = (0..=n_items as u32).collect();
     let item_vectors = if cfg.full_ranking {
@@ -142,10 +149,16 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
         let ss = tape.score_candidates(h, sv.item_table, &cand, j);
         let rs = model.retriever.score(&mut tape, &rv, p, &cand, j);
         let (ss, rs) = (tape.to_host(ss), tape.to_host(rs));
-        let fs = fuse_scores(&ss, &rs, j);
+        let fs = fuse_scores(&ss, &rs, j, alpha);
         for (i, u) in (start..end).enumerate() {
             for (a, sc) in acc.sampled.iter_mut().zip([&fs, &ss, &rs]) {
                 a.push(&rank_sampled(&sc[i * j..(i + 1) * j], 0, u + 1)?);
+            }
+        }
+        for (a, &w) in sweep_acc.iter_mut().zip(sweep) {
+            let f = fuse_scores(&ss, &rs, j, w);
+            for (i, u) in (start..end).enumerate() {
+                a.push(&rank_sampled(&f[i * j..(i + 1) * j], 0, u + 1)?);
             }
         }
         if let Some(iv) = &item_vectors {
@@ -156,7 +169,7 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
             let r_all = tape.matmul(p, items, false, true);
             let r_all = tape.scale(r_all, model.retriever.logit_scale());
             let (s_all, r_all) = (tape.to_host(s_all), tape.to_host(r_all));
-            let f_all = fuse_scores(&s_all, &r_all, w);
+            let f_all = fuse_scores(&s_all, &r_all, w, alpha);
             for (i, u) in (start..end).enumerate() {
                 for (a, sc) in acc.full.iter_mut().zip([&f_all, &s_all, &r_all]) {
                     a.push(&rank_full(&sc[i * w..(i + 1) * w], cases[i].1, &cases[i].0, u + 1)?);
@@ -165,5 +178,6 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
         }
     }
     let result = |k: usize| EvalResult { sampled: acc.sampled[k].finish(), full: cfg.full_ranking.then(|| acc.full[k].finish()) };
-    Ok(Ur4RecEval { fused: result(0), sasrec: result(1), retriever: result(2) })
+    Ok(Ur4RecEval { alpha, fused: result(0), sasrec: result(1), retriever: result(2),
+                    sweep: sweep.iter().zip(&sweep_acc).map(|(&w, a)| (w, a.finish())).collect() })
 }

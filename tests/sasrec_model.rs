@@ -120,7 +120,7 @@ fn outputs_do_not_depend_on_padding_or_batch_neighbours() {
 #[test]
 fn short_training_run_beats_chance_on_synthetic_data() {
     let be = CpuBackend::new();
-    let mut cfg = Config::preset("default").unwrap();
+    let mut cfg = Config::preset("sasrec").unwrap();
     cfg.train.epochs = 20;
     cfg.train.batch_size = 64;
     cfg.train.eval_every = 10;

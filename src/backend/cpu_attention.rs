@@ -2,7 +2,7 @@
 //!
 //! Per (sequence, head): `S = Q Kᵀ / √d_h`, masked (causal, key-valid), row softmax `P` (a row with no
 //! visible key is all zeros, so its output is 0 and never NaN), optional dropout on `P`, `O = P' V`.
-//! Sequences run in parallel; within one, the products go to `matrixmultiply` with strides that read the
+//! Sequences run in parallel; within one, the products go to the `gemm` crate with strides that read the
 //! head's columns straight out of the packed `qkv` rows.
 use super::{DropoutKey, SeqLayout};
 use super::cpu::CpuBackend;
@@ -20,15 +20,7 @@ fn split_lengths<'a>(mut buf: &'a mut [f32], lengths: impl Iterator<Item = usize
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn mm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32,
-             rsb: isize, csb: isize, beta: f32, c: *mut f32, rsc: isize) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1);
-}
+use super::cpu::sgemm_raw as mm;
 
 pub fn forward(qkv: &[f32], layout: &SeqLayout<CpuBackend>, d: usize, heads: usize,
                dropout: Option<DropoutKey>) -> (Vec<f32>, Vec<f32>) {

@@ -115,8 +115,9 @@ impl Ur4Rec {
     }
 }
 
-/// `0.5·softmax(s) + 0.5·softmax(r)` row by row on the host (evaluation only).
-pub fn fuse_scores(s: &[f32], r: &[f32], cols: usize) -> Vec<f32> {
+/// `α·softmax(s) + (1−α)·softmax(r)` row by row on the host (evaluation only; the reference used α = 0.5).
+pub fn fuse_scores(s: &[f32], r: &[f32], cols: usize, alpha: f32) -> Vec<f32> {
+    let alpha = alpha as f64;
     let mut out = vec![0.0f32; s.len()];
     for ((o, s), r) in out.chunks_mut(cols).zip(s.chunks(cols)).zip(r.chunks(cols)) {
         let sm = |x: &[f32]| -> Vec<f64> {
@@ -127,7 +128,7 @@ pub fn fuse_scores(s: &[f32], r: &[f32], cols: usize) -> Vec<f32> {
         };
         let (ps, pr) = (sm(s), sm(r));
         for i in 0..cols {
-            o[i] = (0.5 * ps[i] + 0.5 * pr[i]) as f32;
+            o[i] = (alpha * ps[i] + (1.0 - alpha) * pr[i]) as f32;
         }
     }
     out

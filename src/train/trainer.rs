@@ -44,6 +44,7 @@ impl PreparedData {
             };
             data::load(std::path::Path::new(&cfg.data.source), &opts)?
         };
+        let dataset = attach_features(dataset, &cfg.ur4rec.features)?;
         Self::from_dataset(dataset, cfg)
     }
 
@@ -59,6 +60,34 @@ impl PreparedData {
     pub fn sampled_chance_hit10(&self, negatives: usize) -> f64 {
         (10.0 / (negatives + 1) as f64).min(1.0)
     }
+}
+
+/// Loads the configured side-feature files and aligns them with the data set's ids; missing rows are
+/// reported (and masked), never shifted.
+pub fn attach_features(mut ds: Dataset, files: &crate::config::FeatureFiles) -> Result<Dataset> {
+    use crate::data::features::load_features;
+    use std::path::Path;
+    let load = |rows: &str, ids: &str, originals: &[String], what: &str| -> Result<Option<crate::data::Features>> {
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        if ids.is_empty() {
+            bail!("ur4rec.features.{what} is set but {what}_ids (the row -> original id file) is not");
+        }
+        let (f, report) = load_features(Path::new(rows), Path::new(ids), originals)?;
+        eprintln!("features {what}: {report}");
+        Ok(Some(f))
+    };
+    if let Some(f) = load(&files.item_text, &files.item_text_ids, &ds.item_original, "item_text")? {
+        ds.item_text = Some(f);
+    }
+    if let Some(f) = load(&files.item_visual, &files.item_visual_ids, &ds.item_original, "item_visual")? {
+        ds.item_visual = Some(f);
+    }
+    if let Some(f) = load(&files.user_text, &files.user_text_ids, &ds.user_original, "user_text")? {
+        ds.user_text = Some(f);
+    }
+    Ok(ds)
 }
 
 #[derive(Serialize)]

@@ -7,7 +7,7 @@
 //! bank). With `keep_start_if_better`, a stage's starting weights are a selection candidate too.
 use crate::backend::Backend;
 use crate::checkpoint;
-use crate::config::{AlternationKind, Config, ContrastiveKind, StageSelection, WeightsKind};
+use crate::config::{AlternationKind, Config, ContrastiveKind, RetrievalLoss, StageSelection, WeightsKind};
 use crate::model::ur4rec::Ur4Rec;
 use crate::params::{ParamBuilder, ParamStore};
 use crate::ranking::{evaluate_ur4rec, EvalTarget, Ur4RecEval};
@@ -86,6 +86,8 @@ pub struct Ur4RecSummary {
     pub parameters: usize,
     pub stages: Vec<StageSummary>,
     pub test: Ur4RecEval,
+    /// SASRec's fusion weight used for the test evaluation.
+    pub fusion_alpha: f32,
     pub chance_hit10_sampled: f64,
     pub wall_seconds: f64,
 }
@@ -98,7 +100,7 @@ impl std::fmt::Display for Ur4RecSummary {
                      s.seconds, s.best_epoch, s.selection_ndcg10,
                      if s.switches > 0 { format!(", {} switches", s.switches) } else { String::new() })?;
         }
-        writeln!(f, "test, sampled: fused     {}", self.test.fused.sampled)?;
+        writeln!(f, "test, sampled: fused     {}  (α = {:.1})", self.test.fused.sampled, self.fusion_alpha)?;
         writeln!(f, "               SASRec    {}", self.test.sasrec.sampled)?;
         writeln!(f, "               retriever {}", self.test.retriever.sampled)?;
         writeln!(f, "  chance level Hit@10 = {:.4}", self.chance_hit10_sampled)?;
@@ -113,14 +115,25 @@ fn say(bar: &indicatif::ProgressBar, msg: String) {
     if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) }
 }
 
-/// The selection metric of a stage.
+/// The selection metric of a stage. With calibration, the fused score is taken at its best weight.
 fn selection(cfg: &Config, stage: usize, e: &Ur4RecEval) -> f64 {
+    let fused = best_alpha(e).map(|(_, m)| m).unwrap_or(e.fused.sampled.ndcg10);
     match (stage, cfg.ur4rec.stage2_selection) {
         (1, _) => e.sasrec.sampled.ndcg10,
         (2, StageSelection::OwnTower) => e.retriever.sampled.ndcg10,
-        _ => e.fused.sampled.ndcg10,
+        _ => fused,
     }
 }
+
+/// The calibration grid's best SASRec weight by validation NDCG@10 (sampled); ties go to the larger α.
+fn best_alpha(e: &Ur4RecEval) -> Option<(f32, f64)> {
+    e.sweep.iter().map(|(a, m)| (*a, m.ndcg10)).fold(None, |best, (a, v)| match best {
+        Some((_, bv)) if bv > v => best,
+        _ => Some((a, v)),
+    })
+}
+
+const ALPHA_GRID: [f32; 11] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
 struct Trainer<'a, B: Backend> {
     backend: &'a B,
@@ -204,8 +217,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let (ti, vi) = self.model.user_inputs(tape, &ids);
         let uv = self.model.retriever.users(tape, &rv, ti, vi);
         let r = self.model.retriever.score(tape, &rv, uv.fused, &cands, j);
-        let labels: Vec<f32> = (0..cands.len()).map(|i| if i % j == 0 { 1.0 } else { 0.0 }).collect();
-        let ret = tape.bce_logits(r, &labels);
+        let ret = match cfg.retrieval_loss {
+            RetrievalLoss::Bce => {
+                let labels: Vec<f32> = (0..cands.len()).map(|i| if i % j == 0 { 1.0 } else { 0.0 }).collect();
+                tape.bce_logits(r, &labels)
+            }
+            RetrievalLoss::Softmax => tape.cross_entropy(r, &vec![0; users.len()]),
+        };
         l.retrieval = tape.scalar(ret);
         terms.push(tape.scale(ret, cfg.retrieval_weight));
         let mut enqueue = None;
@@ -304,6 +322,8 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let mut order: Vec<usize> = (0..users).collect();
     let mut stages = Vec::new();
+    let mut alpha = u.fusion_alpha;
+    let sweep: &[f32] = if u.calibrate_fusion { &ALPHA_GRID } else { &[] };
     for stage in 1..=4 {
         let epochs = u.stage_epochs[stage - 1];
         if epochs == 0 {
@@ -326,7 +346,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         let ckpt = run.file(&format!("stage{stage}_best.safetensors"));
         let mut best: Option<(usize, f64, Ur4RecEval, Option<(MemoryBank, MemoryBank)>)> = None;
         if u.keep_start_if_better && stage > 1 {
-            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval)?;
+            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep)?;
             let sel = selection(cfg, stage, &e);
             run.log(&EvalRecord { kind: "eval", stage, epoch: 0, step: tr.step, split: "valid", eval: &e, selection: sel, train_loss: f64::NAN })?;
             checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), "0".into())]))?;
@@ -395,7 +415,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                 bar.inc(1);
                 bar.set_message(format!("stage {stage} epoch {epoch} loss {:.4}", loss_sum / loss_n as f64));
             }
-            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval)?;
+            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep)?;
             let sel = selection(cfg, stage, &e);
             run.log(&EvalRecord { kind: "eval", stage, epoch, step: tr.step, split: "valid", eval: &e, selection: sel,
                                   train_loss: loss_sum / loss_n.max(1) as f64 })?;
@@ -418,11 +438,14 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         checkpoint::load_params(backend, &mut tr.store, &ckpt)?;
         // The memory bank goes back to the state it had with the selected weights (mission.md §10).
         tr.banks = banks;
+        if let Some((a, _)) = best_alpha(&valid) {
+            alpha = a;
+        }
         stages.push(StageSummary { stage, epochs_run, best_epoch, selection_ndcg10: sel, valid,
                                    seconds: stage_start.elapsed().as_secs_f64(), switches });
     }
     bar.finish_and_clear();
-    let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval)?;
+    let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, alpha, &[])?;
     run.log(&EvalRecord { kind: "eval", stage: 5, epoch: 0, step: tr.step, split: "test", eval: &test, selection: test.fused.sampled.ndcg10, train_loss: f64::NAN })?;
     run.flush()?;
     checkpoint::save_params(backend, &tr.store, &run.file("final.safetensors"), HashMap::new())?;
@@ -433,6 +456,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         parameters: tr.store.len(),
         stages,
         test,
+        fusion_alpha: alpha,
         chance_hit10_sampled: data.sampled_chance_hit10(cfg.eval.negatives),
         wall_seconds: wall.elapsed().as_secs_f64(),
     })
