@@ -18,3 +18,4 @@ pub mod train;
 pub mod ranking;
 pub mod checkpoint;
 pub mod report;
+pub mod ablation;

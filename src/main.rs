@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Train a model and evaluate it on the test split; writes a run directory.
     Train(TrainArgs),
+    /// Run the baseline, each improvement alone and all five combined over several seeds; writes
+    /// ablation.md and ablation.json.
+    Ablation(AblationArgs),
     /// Print the compute device found (or why none is used) and, with --params, the parameter names.
     Info(InfoArgs),
 }
@@ -62,6 +65,29 @@ struct TrainArgs {
     #[arg(long)]
     quiet: bool,
     /// Configuration overrides, `section.key=value` (e.g. train.lr=5e-4 sasrec.norm=post).
+    overrides: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct AblationArgs {
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<String>,
+    /// Output directory (default runs/ablation-<data>-<time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Training seeds per variant (seed, seed+1, ...).
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Run only the variants whose name contains one of these strings (repeatable).
+    #[arg(long)]
+    only: Vec<String>,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Configuration overrides, `section.key=value`.
     overrides: Vec<String>,
 }
 
@@ -173,6 +199,24 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn ablation(args: AblationArgs) -> Result<()> {
+    let mut cfg = resolve_config(&args.preset, &args.config)?;
+    if let Some(d) = &args.data {
+        cfg.data.source = d.clone();
+    }
+    cfg.apply_overrides(&args.overrides).map_err(anyhow::Error::msg)?;
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
+    }
+    let backend = CpuBackend::new();
+    let data = PreparedData::from_config(&cfg)?;
+    let out = args.out.clone().unwrap_or_else(|| default_run_dir(&format!("ablation-{}", data.dataset.name)));
+    let rows = ur4rec_engine::ablation::run_ablation(&backend, &cfg, &data, args.seeds, &out, &args.only)?;
+    println!("{}", std::fs::read_to_string(out.join("ablation.md"))?);
+    println!("{} variants; tables in {}", rows.len(), out.display());
+    Ok(())
+}
+
 fn info(args: InfoArgs) -> Result<()> {
     match cuda::probe(0) {
         Ok(gpu) => println!("GPU: {} ({} device(s)); {}", gpu.name, gpu.device_count, cuda::CudaUnavailable::NotImplemented),
@@ -197,6 +241,7 @@ fn main() {
     let r = match cli.command {
         Command::Train(a) => train(a),
         Command::Info(a) => info(a),
+        Command::Ablation(a) => ablation(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
