@@ -135,21 +135,53 @@ fn best_alpha(e: &Ur4RecEval) -> Option<(f32, f64)> {
 
 const ALPHA_GRID: [f32; 11] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
-struct Trainer<'a, B: Backend> {
+/// The state of a UR4Rec run: model, parameters, optimizer, RNG, step, memory banks and loss weights.
+pub struct Trainer<'a, B: Backend> {
     backend: &'a B,
     cfg: &'a Config,
     data: &'a PreparedData,
-    model: Ur4Rec,
-    store: ParamStore<B>,
+    pub model: Ur4Rec,
+    pub store: ParamStore<B>,
     opt: AdamW,
-    rng: Rng,
-    step: usize,
-    banks: Option<(MemoryBank, MemoryBank)>,
+    pub rng: Rng,
+    pub step: usize,
+    pub banks: Option<(MemoryBank, MemoryBank)>,
     weights: LossWeights,
+    unfreeze: UnfreezeSchedule,
+    steps_per_epoch: usize,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
-    fn set_stage_trainable(&mut self, stage: usize, active: Module) {
+    /// Builds the model (item tables initialised from the projected features), the optimizer and the
+    /// strategies' state; validates the unfreezing schedule against the parameter names.
+    pub fn new(backend: &'a B, cfg: &'a Config, data: &'a PreparedData) -> Result<Self> {
+        let u = &cfg.ur4rec;
+        let mut init_rng = Rng::derive(cfg.seed, "init");
+        let mut builder = ParamBuilder::new();
+        let model = Ur4Rec::new(&mut builder, cfg, &data.dataset, &data.split, &mut init_rng)?;
+        let mut store = builder.build(backend);
+        model.init_item_tables(backend, &mut store);
+        let steps_per_epoch = data.split.train.len().div_ceil(cfg.train.batch_size.max(1));
+        let total_steps: usize = u.stage_epochs.iter().map(|e| e * steps_per_epoch).sum();
+        let weights = match u.weights {
+            WeightsKind::Fixed => LossWeights::fixed(),
+            WeightsKind::Curriculum => LossWeights::curriculum(total_steps),
+        };
+        let banks = (u.contrastive == ContrastiveKind::MemoryBank && model.retriever.has_visual()).then(|| {
+            let size = if u.bank_size > 0 { u.bank_size } else { MemoryBank::default_size(data.dataset.num_users) };
+            let mut r = Rng::derive(cfg.seed, "memory-bank");
+            (MemoryBank::new(size, u.retriever.dim, &mut r), MemoryBank::new(size, u.retriever.dim, &mut r))
+        });
+        let unfreeze = UnfreezeSchedule::parse(&u.unfreeze).map_err(anyhow::Error::msg)?;
+        let names: Vec<&str> = store.infos.iter().map(|p| p.name.as_str()).collect();
+        unfreeze.validate(&names).map_err(anyhow::Error::msg).context("ur4rec.unfreeze")?;
+        let opt = AdamW::new(store.infos.len(), cfg.train.beta1, cfg.train.beta2, cfg.train.adam_eps, cfg.train.weight_decay);
+        Ok(Trainer { backend, cfg, data, model, store, opt, rng: Rng::derive(cfg.seed, "train"), step: 0, banks, weights,
+                     unfreeze, steps_per_epoch })
+    }
+
+    /// Sets exactly the parameter groups that train in `stage` (in stage 3: the `active` tower's).
+    pub fn set_stage_trainable(&mut self, stage: usize, active: Module) {
         let sasrec = self.store.group_index("sasrec");
         let on_sasrec = matches!((stage, active), (1, _) | (3, Module::Sasrec) | (4, _));
         let on_retriever = matches!((stage, active), (2, _) | (3, Module::Retriever) | (4, _));
@@ -169,8 +201,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.store.groups.iter().map(|g| if g.name == "sasrec" { t.lr * f } else { self.cfg.ur4rec.retriever_lr * f }).collect()
     }
 
-    /// Builds the loss of one batch; returns the total and its terms.
-    fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, StepLosses, Option<(Vec<f32>, Vec<f32>)>)>> {
+    /// Builds the loss of one batch of users (0-based) on `tape`; returns the total, its terms and (with a
+    /// memory bank) the batch's text and visual keys to enqueue after the step.
+    #[allow(clippy::type_complexity)]
+    pub fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, StepLosses, Option<(Vec<f32>, Vec<f32>)>)>> {
         let cfg = &self.cfg.ur4rec;
         let data = self.data;
         let users: Vec<usize> = users.iter().copied().filter(|&u| data.split.train[u].len() >= 2).collect();
@@ -294,29 +328,11 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                                 -> Result<Ur4RecSummary> {
     let wall = Instant::now();
     let u = &cfg.ur4rec;
-    let mut init_rng = Rng::derive(cfg.seed, "init");
-    let mut builder = ParamBuilder::new();
-    let model = Ur4Rec::new(&mut builder, cfg, &data.dataset, &data.split, &mut init_rng)?;
-    let mut store = builder.build(backend);
-    model.init_item_tables(backend, &mut store);
+    let mut tr = Trainer::new(backend, cfg, data)?;
     let users = data.split.train.len();
     let bs = cfg.train.batch_size.max(1);
-    let steps_per_epoch = users.div_ceil(bs);
+    let steps_per_epoch = tr.steps_per_epoch;
     let total_steps: usize = u.stage_epochs.iter().map(|e| e * steps_per_epoch).sum();
-    let weights = match u.weights {
-        WeightsKind::Fixed => LossWeights::fixed(),
-        WeightsKind::Curriculum => LossWeights::curriculum(total_steps),
-    };
-    let banks = (u.contrastive == ContrastiveKind::MemoryBank && model.retriever.has_visual()).then(|| {
-        let size = if u.bank_size > 0 { u.bank_size } else { MemoryBank::default_size(data.dataset.num_users) };
-        let mut r = Rng::derive(cfg.seed, "memory-bank");
-        (MemoryBank::new(size, u.retriever.dim, &mut r), MemoryBank::new(size, u.retriever.dim, &mut r))
-    });
-    let mut unfreeze = UnfreezeSchedule::parse(&u.unfreeze).map_err(anyhow::Error::msg)?;
-    let names: Vec<&str> = store.infos.iter().map(|p| p.name.as_str()).collect();
-    unfreeze.validate(&names).map_err(anyhow::Error::msg).context("ur4rec.unfreeze")?;
-    let opt = AdamW::new(store.infos.len(), cfg.train.beta1, cfg.train.beta2, cfg.train.adam_eps, cfg.train.weight_decay);
-    let mut tr = Trainer { backend, cfg, data, model, store, opt, rng: Rng::derive(cfg.seed, "train"), step: 0, banks, weights };
     let bar = if opts.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps as u64) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
@@ -337,7 +353,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
             AlternationKind::AdaptiveFaithful => Alternation::Adaptive(AdaptiveAlternation::faithful(0.01, 10)),
         };
         tr.set_stage_trainable(stage, alternation.active(0));
-        let progressive = stage == 4 && !unfreeze.is_empty();
+        let progressive = stage == 4 && !tr.unfreeze.is_empty();
         if progressive {
             for g in 0..tr.store.groups.len() {
                 tr.store.set_group_trainable(g, false);
@@ -366,7 +382,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                     tr.set_stage_trainable(3, active);
                 }
                 if progressive {
-                    for ev in unfreeze.due(stage_step) {
+                    for ev in tr.unfreeze.due(stage_step) {
                         for p in &ev.prefixes {
                             tr.store.set_prefix_trainable(p, true);
                         }
