@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Train a model and evaluate it on the test split; writes a run directory.
     Train(TrainArgs),
+    /// Evaluate a checkpoint on the validation and test splits (both protocols); optionally export each
+    /// user's test candidates and scores.
+    Eval(EvalArgs),
     /// Run the baseline, each improvement alone and all five combined over several seeds; writes
     /// ablation.md and ablation.json.
     Ablation(AblationArgs),
@@ -66,6 +69,25 @@ struct TrainArgs {
     quiet: bool,
     /// Configuration overrides, `section.key=value` (e.g. train.lr=5e-4 sasrec.norm=post).
     overrides: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A checkpoint written by `train` (e.g. RUN/best.safetensors or RUN/final.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The run's configuration (default: config.toml beside the checkpoint).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override the data source recorded in the configuration.
+    #[arg(long)]
+    data: Option<String>,
+    /// SASRec's fusion weight (default: the run's calibrated weight from summary.json, else the config's).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Write the test candidates and scores: a directory of .npy files, or one .safetensors file.
+    #[arg(long)]
+    dump_scores: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -199,6 +221,96 @@ fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn eval(args: EvalArgs) -> Result<()> {
+    use ur4rec_engine::checkpoint::load_params;
+    use ur4rec_engine::ranking::{evaluate_sasrec, evaluate_ur4rec, EvalTarget, ScoreDump};
+    let dir = args.checkpoint.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let cfg_path = args.config.clone().unwrap_or_else(|| dir.join("config.toml"));
+    let mut cfg = Config::from_file(&cfg_path, "default").map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading the run configuration (pass --config if {} is not it)", cfg_path.display()))?;
+    if let Some(d) = &args.data {
+        cfg.data.source = d.clone();
+    }
+    let backend = CpuBackend::new();
+    let data = PreparedData::from_config(&cfg)?;
+    let mut b = ParamBuilder::new();
+    let mut rng = Rng::new(0);
+    let mut dump = args.dump_scores.as_ref().map(|_| ScoreDump::default());
+    match cfg.pipeline {
+        Pipeline::Sasrec => {
+            let model = ur4rec_engine::model::SasRec::new(&mut b, &cfg.sasrec, data.dataset.num_items, &mut rng);
+            let mut store = b.build(&backend);
+            load_params(&backend, &mut store, &args.checkpoint)?;
+            for (name, which) in [("valid", EvalTarget::Valid), ("test", EvalTarget::Test)] {
+                let d = if which == EvalTarget::Test { dump.as_mut() } else { None };
+                let r = evaluate_sasrec(&backend, &model, &store, &data.split, &data.eval_negatives, which, &cfg.eval, d)?;
+                println!("{name}, sampled: {}", r.sampled);
+                if let Some(f) = &r.full {
+                    println!("{name}, full ranking: {f}");
+                }
+            }
+        }
+        Pipeline::Ur4rec => {
+            let model = ur4rec_engine::model::ur4rec::Ur4Rec::new(&mut b, &cfg, &data.dataset, &data.split, &mut rng)?;
+            let mut store = b.build(&backend);
+            load_params(&backend, &mut store, &args.checkpoint)?;
+            let recorded = std::fs::read_to_string(dir.join("summary.json")).ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .and_then(|v| v.get("fusion_alpha").and_then(|a| a.as_f64()));
+            let alpha = args.alpha.or(recorded.map(|a| a as f32)).unwrap_or(cfg.ur4rec.fusion_alpha);
+            for (name, which) in [("valid", EvalTarget::Valid), ("test", EvalTarget::Test)] {
+                let d = if which == EvalTarget::Test { dump.as_mut() } else { None };
+                let r = evaluate_ur4rec(&backend, &model, &store, &data.split, &data.eval_negatives, which, &cfg.eval, alpha, &[], d)?;
+                println!("{name}, sampled: fused (α = {alpha:.2}) {}", r.fused.sampled);
+                println!("{name}, sampled: SASRec    {}", r.sasrec.sampled);
+                println!("{name}, sampled: retriever {}", r.retriever.sampled);
+                if let Some(f) = &r.fused.full {
+                    println!("{name}, full ranking: fused {f}");
+                }
+            }
+        }
+    }
+    if let (Some(path), Some(d)) = (&args.dump_scores, dump) {
+        write_dump(path, &d, data.split.train.len())?;
+        println!("scores of {} users x {} candidates written to {}", data.split.train.len(), d.width, path.display());
+    }
+    Ok(())
+}
+
+/// Writes a score dump: `candidates` (i64 [U, C], original item ids are in the run's data; these are dense
+/// ids, target first), `users` (i64 [U], dense ids), and f32 [U, C] `fused` / `sasrec` / `retriever` scores.
+fn write_dump(path: &std::path::Path, d: &ur4rec_engine::ranking::ScoreDump, users: usize) -> Result<()> {
+    use ur4rec_engine::data::features::{write_npy, Array, ArrayData};
+    let shape = vec![users, d.width];
+    let mut arrays = vec![
+        ("users", Array { shape: vec![users], data: ArrayData::I64((1..=users as i64).collect()) }),
+        ("candidates", Array { shape: shape.clone(), data: ArrayData::I64(d.candidates.iter().map(|&c| c as i64).collect()) }),
+        ("sasrec", Array { shape: shape.clone(), data: ArrayData::F32(d.sasrec.clone()) }),
+    ];
+    if !d.fused.is_empty() {
+        arrays.push(("fused", Array { shape: shape.clone(), data: ArrayData::F32(d.fused.clone()) }));
+        arrays.push(("retriever", Array { shape, data: ArrayData::F32(d.retriever.clone()) }));
+    }
+    if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        use safetensors::tensor::{Dtype, TensorView};
+        let bytes: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = arrays.iter().map(|(n, a)| match &a.data {
+            ArrayData::F32(v) => (n.to_string(), a.shape.clone(), Dtype::F32, bytemuck::cast_slice(v).to_vec()),
+            ArrayData::I64(v) => (n.to_string(), a.shape.clone(), Dtype::I64, bytemuck::cast_slice(v).to_vec()),
+            ArrayData::I32(v) => (n.to_string(), a.shape.clone(), Dtype::I32, bytemuck::cast_slice(v).to_vec()),
+        }).collect();
+        let views: Vec<(String, TensorView)> = bytes.iter()
+            .map(|(n, s, t, b)| (n.clone(), TensorView::new(*t, s.clone(), b).expect("consistent view"))).collect();
+        let out = safetensors::serialize(views, &None)?;
+        ur4rec_engine::checkpoint::write_atomic(path, &out)?;
+    } else {
+        std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        for (n, a) in &arrays {
+            write_npy(&path.join(format!("{n}.npy")), a)?;
+        }
+    }
+    Ok(())
+}
+
 fn ablation(args: AblationArgs) -> Result<()> {
     let mut cfg = resolve_config(&args.preset, &args.config)?;
     if let Some(d) = &args.data {
@@ -242,6 +354,7 @@ fn main() {
         Command::Train(a) => train(a),
         Command::Info(a) => info(a),
         Command::Ablation(a) => ablation(a),
+        Command::Eval(a) => eval(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -38,9 +38,10 @@ pub fn eval_case(split: &Split, u: usize, which: EvalTarget) -> (Vec<u32>, u32) 
 }
 
 /// Evaluates SASRec on every user. `eval_negatives[u]` are user `u+1`'s frozen sampled negatives.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamStore<B>, split: &Split,
-                                   eval_negatives: &[Vec<u32>], which: EvalTarget, cfg: &EvalConfig)
-                                   -> Result<EvalResult, EvalError> {
+                                   eval_negatives: &[Vec<u32>], which: EvalTarget, cfg: &EvalConfig,
+                                   mut dump: Option<&mut ScoreDump>) -> Result<EvalResult, EvalError> {
     let users = split.train.len();
     let n_items = model.num_items;
     let mut sampled = MetricAccumulator::default();
@@ -68,6 +69,11 @@ pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamSto
         let j = 1 + width.unwrap_or(0);
         let scores = tape.score_candidates(h, vars.item_table, &cand, j);
         let scores = tape.to_host(scores);
+        if let Some(d) = dump.as_deref_mut() {
+            d.width = j;
+            d.candidates.extend_from_slice(&cand);
+            d.sasrec.extend_from_slice(&scores);
+        }
         for (i, u) in (start..end).enumerate() {
             sampled.push(&rank_sampled(&scores[i * j..(i + 1) * j], 0, u + 1)?);
         }
@@ -82,6 +88,17 @@ pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamSto
         }
     }
     Ok(EvalResult { sampled: sampled.finish(), full: cfg.full_ranking.then(|| full.finish()) })
+}
+
+/// Per-user sampled candidates and their scores, for export (`ur4rec-engine eval --dump-scores`).
+#[derive(Clone, Debug, Default)]
+pub struct ScoreDump {
+    /// Candidates per user (target first).
+    pub width: usize,
+    pub candidates: Vec<u32>,
+    pub fused: Vec<f32>,
+    pub sasrec: Vec<f32>,
+    pub retriever: Vec<f32>,
 }
 
 /// UR4Rec's evaluation: the fused ranking and each tower's own, from one pass.
@@ -107,7 +124,8 @@ struct Accumulators {
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur4Rec, store: &ParamStore<B>,
                                    split: &Split, eval_negatives: &[Vec<u32>], which: EvalTarget, cfg: &EvalConfig,
-                                   alpha: f32, sweep: &[f32]) -> Result<Ur4RecEval, EvalError> {
+                                   alpha: f32, sweep: &[f32], mut dump: Option<&mut ScoreDump>)
+                                   -> Result<Ur4RecEval, EvalError> {
     use crate::model::ur4rec::fuse_scores;
     let users = split.train.len();
     let n_items = model.sasrec.num_items;
@@ -150,6 +168,13 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
         let rs = model.retriever.score(&mut tape, &rv, p, &cand, j);
         let (ss, rs) = (tape.to_host(ss), tape.to_host(rs));
         let fs = fuse_scores(&ss, &rs, j, alpha);
+        if let Some(d) = dump.as_deref_mut() {
+            d.width = j;
+            d.candidates.extend_from_slice(&cand);
+            d.fused.extend_from_slice(&fs);
+            d.sasrec.extend_from_slice(&ss);
+            d.retriever.extend_from_slice(&rs);
+        }
         for (i, u) in (start..end).enumerate() {
             for (a, sc) in acc.sampled.iter_mut().zip([&fs, &ss, &rs]) {
                 a.push(&rank_sampled(&sc[i * j..(i + 1) * j], 0, u + 1)?);

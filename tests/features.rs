@@ -568,3 +568,16 @@ fn ml100k_item_descriptions_align_with_23_missing() {
     let users = mean_of_items(&f, &ds.sequences);
     assert_eq!(users.present.iter().filter(|&&p| p).count(), ds.num_users);
 }
+
+#[test]
+fn npy_writer_round_trips_through_the_reader() {
+    use ur4rec_engine::data::features::{read_npy, write_npy, Array, ArrayData};
+    let dir = std::env::temp_dir().join(format!("ur4rec-npy-write-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for a in [Array { shape: vec![3, 4], data: ArrayData::F32((0..12).map(|i| i as f32 * 0.5 - 2.0).collect()) },
+              Array { shape: vec![5], data: ArrayData::I64(vec![1, -2, 3, 1 << 40, 0]) }] {
+        let p = dir.join("a.npy");
+        write_npy(&p, &a).unwrap();
+        assert_eq!(read_npy(&p).unwrap(), a);
+    }
+}

@@ -666,3 +666,28 @@ pub fn mean_of_items(item: &Features, histories: &[Vec<u32>]) -> Features {
     }
     Features { dim, rows, present }
 }
+
+/// Writes `array` as a version 1.0 `.npy` file (little-endian, C order), atomically, so it can be read by
+/// NumPy and by [`read_npy`]. Used to export evaluation scores.
+pub fn write_npy(path: &Path, array: &Array) -> std::io::Result<()> {
+    let (descr, bytes): (&str, Vec<u8>) = match &array.data {
+        ArrayData::F32(v) => ("<f4", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ArrayData::I64(v) => ("<i8", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ArrayData::I32(v) => ("<i4", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    };
+    let shape = match array.shape.len() {
+        1 => format!("({},)", array.shape[0]),
+        _ => format!("({})", array.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + header length (2) + header + '\n' is padded to a multiple of 64 bytes.
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + bytes.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&bytes);
+    crate::checkpoint::write_atomic(path, &out)
+}

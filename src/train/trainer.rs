@@ -250,7 +250,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         if !evaluate_now {
             continue;
         }
-        let valid = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval)?;
+        let valid = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, None)?;
         run.log(&EvalRecord { kind: "eval", epoch, step, split: "valid", sampled: &valid.sampled, full: &valid.full,
                               train_loss: loss_sum / loss_n.max(1) as f64, sequences_per_s: ep_seqs as f64 / secs,
                               tokens_per_s: ep_tokens as f64 / secs })?;
@@ -273,7 +273,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
     bar.finish_and_clear();
     let (best_epoch, best_valid) = best.context("no validation was run (train.eval_every = 0?)")?;
     checkpoint::load_params(backend, &mut store, &best_path)?;
-    let test = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval)?;
+    let test = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, None)?;
     run.log(&EvalRecord { kind: "eval", epoch: best_epoch, step, split: "test", sampled: &test.sampled, full: &test.full,
                           train_loss: f64::NAN, sequences_per_s: 0.0, tokens_per_s: 0.0 })?;
     run.flush()?;

@@ -362,7 +362,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         let ckpt = run.file(&format!("stage{stage}_best.safetensors"));
         let mut best: Option<(usize, f64, Ur4RecEval, Option<(MemoryBank, MemoryBank)>)> = None;
         if u.keep_start_if_better && stage > 1 {
-            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep)?;
+            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep, None)?;
             let sel = selection(cfg, stage, &e);
             run.log(&EvalRecord { kind: "eval", stage, epoch: 0, step: tr.step, split: "valid", eval: &e, selection: sel, train_loss: f64::NAN })?;
             checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), "0".into())]))?;
@@ -431,7 +431,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                 bar.inc(1);
                 bar.set_message(format!("stage {stage} epoch {epoch} loss {:.4}", loss_sum / loss_n as f64));
             }
-            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep)?;
+            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep, None)?;
             let sel = selection(cfg, stage, &e);
             run.log(&EvalRecord { kind: "eval", stage, epoch, step: tr.step, split: "valid", eval: &e, selection: sel,
                                   train_loss: loss_sum / loss_n.max(1) as f64 })?;
@@ -461,7 +461,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                                    seconds: stage_start.elapsed().as_secs_f64(), switches });
     }
     bar.finish_and_clear();
-    let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, alpha, &[])?;
+    let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, alpha, &[], None)?;
     run.log(&EvalRecord { kind: "eval", stage: 5, epoch: 0, step: tr.step, split: "test", eval: &test, selection: test.fused.sampled.ndcg10, train_loss: f64::NAN })?;
     run.flush()?;
     checkpoint::save_params(backend, &tr.store, &run.file("final.safetensors"), HashMap::new())?;
