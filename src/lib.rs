@@ -19,3 +19,4 @@ pub mod ranking;
 pub mod checkpoint;
 pub mod report;
 pub mod ablation;
+pub mod plot;

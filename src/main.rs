@@ -214,6 +214,7 @@ fn train(args: TrainArgs) -> Result<()> {
         Pipeline::Ur4rec => {
             let summary = train_ur4rec(&backend, &cfg, &data, &mut run, &opts)?;
             run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
+            ur4rec_engine::report::write_ur4rec_report(&run, &cfg, &summary)?;
             println!("{summary}");
         }
     }
