@@ -341,6 +341,10 @@ fn info(args: InfoArgs) -> Result<()> {
         let mut b = ParamBuilder::new();
         let mut rng = Rng::new(0);
         ur4rec_engine::model::SasRec::new(&mut b, &cfg.sasrec, args.items, &mut rng);
+        if cfg.pipeline == Pipeline::Ur4rec {
+            // Names do not depend on the feature sizes; a visual branch is included so every name is listed.
+            ur4rec_engine::model::retriever::Retriever::new(&mut b, &cfg.ur4rec.retriever, args.items, 384, Some(384), &mut rng);
+        }
         let store = b.build(&CpuBackend::new());
         for p in &store.infos {
             println!("{:<48} {:>10} {:?} group={}", p.name, p.len, p.shape, store.groups[p.group].name);
