@@ -99,7 +99,7 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Stop after this many evaluations without a better validation NDCG@10 (0 = never).
     pub patience: usize,
-    /// Write a metrics line every this many steps.
+    /// Write a metrics line every this many steps (1: every step).
     pub log_every: usize,
 }
 
@@ -107,7 +107,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig { epochs: 20, batch_size: 128, objective: Objective::EveryPosition, negatives: 5, lr: 1e-3,
                       weight_decay: 1e-5, beta1: 0.9, beta2: 0.999, adam_eps: 1e-8, schedule: Schedule::WarmupCosine,
-                      warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 10 }
+                      warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 1 }
     }
 }
 
