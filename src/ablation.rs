@@ -89,7 +89,6 @@ pub fn run_ablation<B: Backend>(backend: &B, base: &Config, data: &PreparedData,
     let steps_per_epoch = data.split.train.len().div_ceil(base.train.batch_size.max(1));
     let stage4_steps = base.ur4rec.stage_epochs[3] * steps_per_epoch;
     let mut rows: Vec<Row> = Vec::new();
-    let mut baseline: Option<(Vec<f64>, Vec<f64>)> = None;
     for v in variants() {
         if !only.is_empty() && !only.iter().any(|o| v.name.contains(o.as_str())) {
             continue;
@@ -108,36 +107,39 @@ pub fn run_ablation<B: Backend>(backend: &B, base: &Config, data: &PreparedData,
             eprintln!("  test fused {}", s.test.fused.sampled);
             summaries.push(s);
         }
-        let hit: Vec<f64> = summaries.iter().map(|s| s.test.fused.sampled.hit10).collect();
-        let ndcg: Vec<f64> = summaries.iter().map(|s| s.test.fused.sampled.ndcg10).collect();
-        let mrr: Vec<f64> = summaries.iter().map(|s| s.test.fused.sampled.mrr).collect();
-        let wall: Vec<f64> = summaries.iter().map(|s| s.wall_seconds).collect();
-        if v.name.starts_with("baseline") {
-            baseline = Some((hit.clone(), ndcg.clone()));
-        }
-        let paired = |x: &[f64], b: Option<&Vec<f64>>| -> Stat {
-            match b {
-                Some(b) if b.len() == x.len() => {
-                    let d: Vec<f64> = x.iter().zip(b).map(|(a, c)| a - c).collect();
-                    let s = stat(&d);
-                    Stat { mean: s.mean, std: s.std / (d.len() as f64).sqrt() }
-                }
-                _ => Stat { mean: f64::NAN, std: f64::NAN },
-            }
-        };
+        let pick = |f: fn(&Ur4RecSummary) -> f64| summaries.iter().map(f).collect::<Vec<f64>>();
+        let (hit, ndcg) = (pick(|s| s.test.fused.sampled.hit10), pick(|s| s.test.fused.sampled.ndcg10));
         rows.push(Row {
             variant: v.name.to_string(),
-            ndcg10_vs_baseline: paired(&ndcg, baseline.as_ref().map(|b| &b.1)),
-            hit10_vs_baseline: paired(&hit, baseline.as_ref().map(|b| &b.0)),
+            ndcg10_vs_baseline: Stat { mean: f64::NAN, std: f64::NAN },
+            hit10_vs_baseline: Stat { mean: f64::NAN, std: f64::NAN },
             hit10: stat(&hit),
             ndcg10: stat(&ndcg),
-            mrr: stat(&mrr),
-            wall_seconds: stat(&wall),
+            mrr: stat(&pick(|s| s.test.fused.sampled.mrr)),
+            wall_seconds: stat(&pick(|s| s.wall_seconds)),
             per_seed: summaries,
         });
+        paired_differences(&mut rows);
         write_tables(out, &rows, seeds, data)?;
     }
     Ok(rows)
+}
+
+/// Fills every row's paired differences against the baseline row (same seeds), once the baseline exists.
+fn paired_differences(rows: &mut [Row]) {
+    let Some(base) = rows.iter().find(|r| r.variant.starts_with("baseline")).map(|r| r.per_seed.clone()) else { return };
+    let paired = |x: &[Ur4RecSummary], f: fn(&Ur4RecSummary) -> f64| -> Stat {
+        if x.len() != base.len() {
+            return Stat { mean: f64::NAN, std: f64::NAN };
+        }
+        let d: Vec<f64> = x.iter().zip(&base).map(|(a, b)| f(a) - f(b)).collect();
+        let s = stat(&d);
+        Stat { mean: s.mean, std: s.std / (d.len() as f64).sqrt() }
+    };
+    for r in rows.iter_mut() {
+        r.hit10_vs_baseline = paired(&r.per_seed, |s| s.test.fused.sampled.hit10);
+        r.ndcg10_vs_baseline = paired(&r.per_seed, |s| s.test.fused.sampled.ndcg10);
+    }
 }
 
 fn write_tables(out: &Path, rows: &[Row], seeds: usize, data: &PreparedData) -> Result<()> {
