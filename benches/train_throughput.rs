@@ -44,7 +44,7 @@ fn main() {
         let users: Vec<usize> = (0..prepared.split.train.len()).collect();
         // One warm-up epoch, then timed epochs.
         let mut step = 0;
-        let mut run_epoch = |store: &mut _, opt: &mut _, rng: &mut Rng, step: &mut usize| {
+        let run_epoch = |store: &mut _, opt: &mut _, rng: &mut Rng, step: &mut usize| {
             let (mut seqs, mut toks) = (0usize, 0usize);
             let mut order = users.clone();
             rng.shuffle(&mut order);

@@ -109,6 +109,9 @@ struct AblationArgs {
     only: Vec<String>,
     #[arg(long)]
     threads: Option<usize>,
+    /// auto, cpu, cuda or cuda:N (as for `train`).
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// Configuration overrides, `section.key=value`.
     overrides: Vec<String>,
 }
@@ -136,34 +139,127 @@ fn resolve_config(preset: &Option<String>, file: &Option<PathBuf>) -> Result<Con
     .map_err(anyhow::Error::msg)
 }
 
-/// Picks the backend; only the CPU backend exists in this build, so `cuda` is an error and `auto` says why
-/// it falls back.
-fn choose_device(device: &str) -> Result<CpuBackend> {
-    let d = device.trim().to_ascii_lowercase();
-    let ordinal = |s: &str| -> Result<usize> {
-        match s.strip_prefix("cuda:") {
-            Some(n) => n.parse().with_context(|| format!("--device {device}: bad GPU ordinal")),
-            None => Ok(0),
+/// The backend chosen on the command line. Training code is generic over `Backend`; [`Device::run`] calls it
+/// with whichever backend this holds.
+enum Device {
+    Cpu(CpuBackend),
+    Cuda(Box<cuda::CudaBackend>),
+}
+
+/// A computation generic over the backend (what [`Device::run`] dispatches).
+trait WithBackend {
+    type Out;
+    fn run<B: Backend>(self, backend: &B) -> Self::Out;
+}
+
+impl Device {
+    fn name(&self) -> String {
+        match self {
+            Device::Cpu(b) => b.name(),
+            Device::Cuda(b) => b.name(),
         }
-    };
+    }
+    fn run<F: WithBackend>(&self, f: F) -> F::Out {
+        match self {
+            Device::Cpu(b) => f.run(b),
+            Device::Cuda(b) => f.run(&**b),
+        }
+    }
+}
+
+/// Set to 1 to let `--device auto` pick a GPU: the CUDA kernels pass their CPU-parity tests by construction
+/// only so far and have not been validated on a GPU yet.
+const ENABLE_CUDA_ENV: &str = "UR4REC_ENABLE_CUDA";
+
+/// Picks the backend. `cpu`; `cuda` / `cuda:N`: the CUDA backend on GPU N or a clear error; `auto`: the GPU
+/// when one starts and `UR4REC_ENABLE_CUDA=1`, otherwise the CPU, saying why. Never panics.
+fn choose_device(device: &str) -> Result<Device> {
+    let d = device.trim().to_ascii_lowercase();
     match d.as_str() {
-        "cpu" => Ok(CpuBackend::new()),
+        "cpu" => Ok(Device::Cpu(CpuBackend::new())),
         "auto" => {
-            let why = match cuda::probe(0) {
-                Ok(gpu) => format!("GPU {} found, but {}", gpu.name, cuda::CudaUnavailable::NotImplemented),
-                Err(e) => e.to_string(),
+            let enabled = std::env::var(ENABLE_CUDA_ENV).map(|v| v == "1").unwrap_or(false);
+            let why = if enabled {
+                match cuda::CudaBackend::new(0) {
+                    Ok(gpu) => {
+                        eprintln!("device: {} ({ENABLE_CUDA_ENV}=1; note: the CUDA kernels have not been validated on a \
+                                   GPU yet; compare against --device cpu){}", gpu.name(),
+                                  if gpu.is_deterministic() { ", deterministic embedding backward" } else { "" });
+                        return Ok(Device::Cuda(Box::new(gpu)));
+                    }
+                    Err(e) => format!("{ENABLE_CUDA_ENV}=1 but the CUDA backend did not start: {e}"),
+                }
+            } else {
+                match cuda::probe(0) {
+                    Ok(gpu) => format!("GPU {} found, but the CUDA kernels have not been validated on a GPU yet; set \
+                                        {ENABLE_CUDA_ENV}=1 or pass --device cuda to use it", gpu.name),
+                    Err(e) => e.to_string(),
+                }
             };
             eprintln!("device: cpu ({why})");
-            Ok(CpuBackend::new())
+            Ok(Device::Cpu(CpuBackend::new()))
         }
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let n = ordinal(s)?;
-            match cuda::probe(n) {
-                Ok(_) => bail!("--device {device}: {}", cuda::CudaUnavailable::NotImplemented),
+            let n: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().with_context(|| format!("--device {device}: bad GPU ordinal"))?,
+                None => 0,
+            };
+            match cuda::CudaBackend::new(n) {
+                Ok(gpu) => {
+                    eprintln!("device: {} (note: the CUDA kernels have not been validated on a GPU yet){}", gpu.name(),
+                              if gpu.is_deterministic() { "; deterministic embedding backward" } else { "" });
+                    Ok(Device::Cuda(Box::new(gpu)))
+                }
                 Err(e) => bail!("--device {device}: {e}"),
             }
         }
         _ => bail!("--device {device}: expected auto, cpu, cuda or cuda:N"),
+    }
+}
+
+/// Trains the configured pipeline on one backend and writes the summaries.
+struct TrainJob<'a> {
+    cfg: &'a Config,
+    data: &'a PreparedData,
+    run: &'a mut RunDir,
+    opts: &'a RunOptions,
+}
+
+impl WithBackend for TrainJob<'_> {
+    type Out = Result<()>;
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let TrainJob { cfg, data, run, opts } = self;
+        match cfg.pipeline {
+            Pipeline::Sasrec => {
+                let summary = train_sasrec(backend, cfg, data, run, opts)?;
+                run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
+                println!("{summary}");
+            }
+            Pipeline::Ur4rec => {
+                let summary = train_ur4rec(backend, cfg, data, run, opts)?;
+                run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
+                ur4rec_engine::report::write_ur4rec_report(run, cfg, &summary)?;
+                println!("{summary}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ablation study on one backend.
+struct AblationJob<'a> {
+    cfg: &'a Config,
+    data: &'a PreparedData,
+    seeds: usize,
+    out: &'a std::path::Path,
+    only: &'a [String],
+}
+
+impl WithBackend for AblationJob<'_> {
+    type Out = Result<usize>;
+    fn run<B: Backend>(self, backend: &B) -> Result<usize> {
+        let rows = ur4rec_engine::ablation::run_ablation(backend, self.cfg, self.data, self.seeds, self.out, self.only)?;
+        Ok(rows.len())
     }
 }
 
@@ -185,14 +281,14 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
     }
-    let backend = choose_device(&args.device)?;
+    let device = choose_device(&args.device)?;
     let data = PreparedData::from_config(&cfg)?;
     let out = args.out.clone().unwrap_or_else(|| default_run_dir(&data.dataset.name));
     let mut run = RunDir::create(&out).with_context(|| format!("creating run directory {}", out.display()))?;
     run.write("config.toml", cfg.to_toml().as_bytes())?;
     let manifest = serde_json::json!({
         "engine": env!("CARGO_PKG_VERSION"),
-        "device": backend.name(),
+        "device": device.name(),
         "dataset": data.dataset.name,
         "dataset_fingerprint": data.dataset.fingerprint,
         "users": data.dataset.num_users,
@@ -205,19 +301,7 @@ fn train(args: TrainArgs) -> Result<()> {
     eprintln!("data {}: {} users, {} items; run directory {}", data.dataset.name, data.dataset.num_users,
               data.dataset.num_items, out.display());
     let opts = RunOptions { quiet: args.quiet };
-    match cfg.pipeline {
-        Pipeline::Sasrec => {
-            let summary = train_sasrec(&backend, &cfg, &data, &mut run, &opts)?;
-            run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
-            println!("{summary}");
-        }
-        Pipeline::Ur4rec => {
-            let summary = train_ur4rec(&backend, &cfg, &data, &mut run, &opts)?;
-            run.write("summary.json", serde_json::to_string_pretty(&summary)?.as_bytes())?;
-            ur4rec_engine::report::write_ur4rec_report(&run, &cfg, &summary)?;
-            println!("{summary}");
-        }
-    }
+    device.run(TrainJob { cfg: &cfg, data: &data, run: &mut run, opts: &opts })?;
     println!("run directory: {}", out.display());
     Ok(())
 }
@@ -321,18 +405,19 @@ fn ablation(args: AblationArgs) -> Result<()> {
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
     }
-    let backend = CpuBackend::new();
+    let device = choose_device(&args.device)?;
     let data = PreparedData::from_config(&cfg)?;
     let out = args.out.clone().unwrap_or_else(|| default_run_dir(&format!("ablation-{}", data.dataset.name)));
-    let rows = ur4rec_engine::ablation::run_ablation(&backend, &cfg, &data, args.seeds, &out, &args.only)?;
+    let rows = device.run(AblationJob { cfg: &cfg, data: &data, seeds: args.seeds, out: &out, only: &args.only })?;
     println!("{}", std::fs::read_to_string(out.join("ablation.md"))?);
-    println!("{} variants; tables in {}", rows.len(), out.display());
+    println!("{rows} variants; tables in {}", out.display());
     Ok(())
 }
 
 fn info(args: InfoArgs) -> Result<()> {
     match cuda::probe(0) {
-        Ok(gpu) => println!("GPU: {} ({} device(s)); {}", gpu.name, gpu.device_count, cuda::CudaUnavailable::NotImplemented),
+        Ok(gpu) => println!("GPU: {} ({} device(s)); used with --device cuda, or by --device auto when {ENABLE_CUDA_ENV}=1 \
+                             (the kernels have not been validated on a GPU yet)", gpu.name, gpu.device_count),
         Err(e) => println!("GPU: none — {e}"),
     }
     println!("CPU: {} threads", rayon::current_num_threads());

@@ -490,3 +490,71 @@ fn infonce_ops<B: Backend>(b: &B) -> Outputs {
 fn infonce_bank_parity() {
     parity!("infonce", infonce_ops);
 }
+
+// ---- deterministic embedding backward (CudaBackend::with_deterministic(true)) ------------------------------
+
+/// Lookups with heavy repetition (half of them into a handful of "popular" rows, row 0 — the padding row —
+/// among them), so that several positions share a destination row.
+fn skewed_idx(rng: &mut Rng, n: usize, items: usize) -> Vec<u32> {
+    (0..n).map(|_| if rng.uniform() < 0.5 { rng.below(items.min(4) as u64) as u32 } else { rng.below(items as u64) as u32 }).collect()
+}
+
+fn deterministic_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &(items, cols, n)) in [(1usize, 1usize, 1usize), (5, 3, 64), (37, 33, 100), (1683, 256, 1500), (23_716, 64, 3000)]
+        .iter().enumerate() {
+        let mut rng = Rng::new(900 + t as u64);
+        let idx_h = skewed_idx(&mut rng, n, items);
+        let idx = b.idx_from_host(&idx_h);
+        let dy = b.from_host(&rand(&mut rng, n * cols));
+        let tag = format!("{items}x{cols}x{n}");
+        for skip in [None, Some(0u32)] {
+            let mut dt = b.from_host(&rand(&mut rng, items * cols));
+            b.scatter_add_rows(&dy, &idx, cols, skip, &mut dt);
+            out(b, &mut o, format!("scatter_add_rows{tag}_{skip:?}"), &dt, EXACT);
+        }
+    }
+    for (t, &(rows, c, j, d)) in [(1usize, 1usize, 1usize, 1usize), (7, 50, 13, 33), (129, 300, 101, 64), (256, 1683, 6, 256)]
+        .iter().enumerate() {
+        let mut rng = Rng::new(950 + t as u64);
+        let tag = format!("{rows}x{c}x{j}x{d}");
+        let idx = b.idx_from_host(&skewed_idx(&mut rng, rows * j, c));
+        let dy = b.from_host(&rand(&mut rng, rows * j));
+        let h = b.from_host(&rand(&mut rng, rows * d));
+        let table = b.from_host(&rand(&mut rng, c * d));
+        let mut dt = b.from_host(&rand(&mut rng, c * d));
+        b.score_candidates_backward(&h, &table, &idx, d, j, &dy, None, Some(&mut dt));
+        out(b, &mut o, format!("score_candidates_dtable{tag}"), &dt, EXACT);
+    }
+    o
+}
+
+fn gpu_deterministic() -> Option<CudaBackend> {
+    gpu().map(|g| g.with_deterministic(true))
+}
+
+/// The deterministic variant sums each row's contributions in position order with rounded products (no
+/// FMA), exactly as the CPU twin does, so the bits match the CPU (tolerance `EXACT`).
+#[test]
+fn deterministic_embedding_backward_matches_cpu_bits() {
+    let Some(g) = gpu_deterministic() else { return };
+    assert!(g.is_deterministic());
+    compare("deterministic", deterministic_ops(&CpuBackend::new()), deterministic_ops(&g));
+}
+
+/// Same inputs, same bits, run after run (what the atomic version does not promise).
+#[test]
+fn deterministic_embedding_backward_is_reproducible() {
+    let Some(g) = gpu_deterministic() else { return };
+    let (a, b) = (deterministic_ops(&g), deterministic_ops(&g));
+    for ((name, x, _), (_, y, _)) in a.iter().zip(&b) {
+        assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: bits differ between two runs");
+    }
+}
+
+/// The whole indexing group again with the deterministic variant selected (gathers unaffected).
+#[test]
+fn indexing_parity_deterministic() {
+    let Some(g) = gpu_deterministic() else { return };
+    compare("indexing/deterministic", indexing_ops(&CpuBackend::new()), indexing_ops(&g));
+}

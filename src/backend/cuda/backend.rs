@@ -45,6 +45,10 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
+    /// Embedding-style backwards (`scatter_add_rows`, the table gradient of `score_candidates_backward`)
+    /// without float atomics: a device-built CSR summed in position order, bit-identical to the CPU twin and
+    /// from run to run. Off by default (the atomic version is faster); see [`CudaBackend::with_deterministic`].
+    deterministic: bool,
 }
 
 fn check<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
@@ -116,7 +120,8 @@ impl CudaBackend {
                     funcs.insert(name, f);
                 }
             }
-            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs })
+            let deterministic = std::env::var("UR4REC_CUDA_DETERMINISTIC").map(|v| v == "1").unwrap_or(false);
+            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs, deterministic })
         }));
         panic::set_hook(prev);
         match r {
@@ -127,6 +132,42 @@ impl CudaBackend {
 
     pub fn info(&self) -> &GpuInfo {
         &self.info
+    }
+
+    /// Selects the deterministic embedding backward (no float atomics; see the `deterministic` field). The
+    /// default comes from `UR4REC_CUDA_DETERMINISTIC=1`, else off.
+    pub fn with_deterministic(mut self, on: bool) -> Self {
+        self.deterministic = on;
+        self
+    }
+
+    pub fn is_deterministic(&self) -> bool {
+        self.deterministic
+    }
+
+    /// The stream every op is queued on (benchmarks time it with events).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// `(sorted, starts)`: the lookups `p` with `idx[p] = row` (excluding `skip` and rows past the table) are
+    /// `sorted[starts[row] .. starts[row + 1]]`, in increasing `p`. Built on the device with integer atomics
+    /// and a stable ranking (kernels/embedding.cu); queues work only, never synchronises.
+    fn lookup_csr(&self, idx: &CudaSlice<u32>, skip: Option<u32>, table_rows: usize) -> (CudaSlice<u32>, CudaSlice<u32>) {
+        let n = idx.len();
+        let _ = u32_of(n, "lookups");
+        let tr = u32_of(table_rows, "table rows");
+        let mut counts = check(self.stream.alloc_zeros::<u32>(table_rows.max(1)), "alloc csr counts");
+        let mut starts = check(self.stream.alloc_zeros::<u32>(table_rows + 1), "alloc csr starts");
+        let mut perm = check(self.stream.alloc_zeros::<u32>(n.max(1)), "alloc csr perm");
+        let mut sorted = check(self.stream.alloc_zeros::<u32>(n.max(1)), "alloc csr sorted");
+        let (n64, sk, has) = (n as u64, skip.unwrap_or(0), skip.is_some() as i32);
+        launch!(self, "scatter_csr_count_f32", cfg_elems(n); &mut counts, idx, &n64, &sk, &has, &tr);
+        let scan = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "scatter_csr_scan_f32", scan; &mut starts, &mut counts, &tr);
+        launch!(self, "scatter_csr_fill_f32", cfg_elems(n); &mut perm, &mut counts, &starts, idx, &n64, &sk, &has, &tr);
+        launch!(self, "scatter_csr_order_f32", cfg_elems(n); &mut sorted, &perm, &starts, idx, &n64, &tr);
+        (sorted, starts)
     }
 
     /// Wait for all queued work (benchmarks, tests).
@@ -560,7 +601,14 @@ impl Backend for CudaBackend {
         if n > 0 {
             let (n64, c, tr) = (n as u64, cols as u32, u32_of(dtable.len() / cols, "table rows"));
             let (sk, has) = (skip.unwrap_or(0), skip.is_some() as i32);
-            launch!(self, "scatter_add_rows_f32", cfg_elems(n); dtable, dy, idx, &n64, &c, &sk, &has, &tr);
+            if self.deterministic {
+                assert_eq!(n, idx.len() * cols, "scatter_add_rows: dy shape");
+                let (sorted, starts) = self.lookup_csr(idx, skip, tr as usize);
+                let cfg = cfg_elems(tr as usize * cols);
+                launch!(self, "scatter_add_rows_sorted_f32", cfg; dtable, dy, &sorted, &starts, &tr, &c);
+            } else {
+                launch!(self, "scatter_add_rows_f32", cfg_elems(n); dtable, dy, idx, &n64, &c, &sk, &has, &tr);
+            }
         }
     }
     fn gather_cols(&self, x: &CudaSlice<f32>, idx: &CudaSlice<u32>, c: usize, j: usize) -> CudaSlice<f32> {
@@ -604,7 +652,13 @@ impl Backend for CudaBackend {
             launch!(self, "score_candidates_backward_dh_f32", cfg_warp_rows(rows); dh, table, idx, dy, &r, &d32, &j32, &tr);
         }
         if let Some(dt) = dtable {
-            launch!(self, "score_candidates_backward_dtable_f32", cfg_elems(n * d); dt, h, idx, dy, &r, &d32, &j32, &tr);
+            if self.deterministic {
+                let (sorted, starts) = self.lookup_csr(idx, None, tr as usize);
+                let cfg = cfg_elems(tr as usize * d);
+                launch!(self, "score_candidates_backward_dtable_sorted_f32", cfg; dt, h, dy, &sorted, &starts, &tr, &d32, &j32);
+            } else {
+                launch!(self, "score_candidates_backward_dtable_f32", cfg_elems(n * d); dt, h, idx, dy, &r, &d32, &j32, &tr);
+            }
         }
     }
 

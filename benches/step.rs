@@ -1,0 +1,150 @@
+//! End-to-end training step throughput (sequences/s) of SASRec and of UR4Rec (stage 4: SASRec BPR,
+//! retrieval, consistency, memory-bank InfoNCE, LogDet diversity, distillation; all parameters trainable)
+//! at batch 32 and 256, on synthetic data with text and visual features, in the `ur4rec` preset's model
+//! (hidden 256, 2 blocks, 4 heads, L = 50). CPU always, GPU when `CudaBackend::new(0)` succeeds, in the
+//! same run, with the GPU/CPU ratio.
+//!
+//! One step = forward on the tape, backward, gradient clipping and AdamW, as in the trainers (the UR4Rec
+//! memory bank is not refreshed between steps here: same work, static contents). CPU: 1 warm-up step and
+//! `BENCH_CPU_STEPS` (default 3) timed steps per row, about a minute in all on 2 cores; GPU: 3 warm-up and
+//! `BENCH_GPU_STEPS` (default 20) timed steps, wall clock with a device synchronisation at the end.
+//! Run: `cargo bench --bench step`.
+use std::time::Instant;
+use ur4rec_engine::backend::cuda::CudaBackend;
+use ur4rec_engine::backend::{Backend, CpuBackend};
+use ur4rec_engine::config::{Config, ContrastiveKind};
+use ur4rec_engine::data::{self, SyntheticConfig};
+use ur4rec_engine::model::SasRec;
+use ur4rec_engine::params::ParamBuilder;
+use ur4rec_engine::rng::Rng;
+use ur4rec_engine::tape::Tape;
+use ur4rec_engine::train::optim::AdamW;
+use ur4rec_engine::train::strategies::Module;
+use ur4rec_engine::train::trainer::{sasrec_step, PreparedData};
+use ur4rec_engine::train::ur4rec_trainer::Trainer;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn config() -> Config {
+    let mut cfg = Config::preset("ur4rec").expect("ur4rec preset");
+    cfg.ur4rec.contrastive = ContrastiveKind::MemoryBank;
+    cfg.ur4rec.distillation.enabled = true;
+    cfg
+}
+
+fn prepared(cfg: &Config) -> PreparedData {
+    let ds = data::synthetic(&SyntheticConfig { users: 1024, items: 1683, text_dim: 384, visual_dim: 512, min_len: 20,
+                                                max_len: 60, seed: 3, ..Default::default() });
+    PreparedData::from_dataset(ds, cfg).expect("synthetic data prepares")
+}
+
+/// The users of step `s` (consecutive chunks, wrapping around).
+fn batch_users(s: usize, bsz: usize, users: usize) -> Vec<usize> {
+    (0..bsz).map(|i| (s * bsz + i) % users).collect()
+}
+
+/// Sequences/s over `steps` timed steps after `warm` warm-up steps; `sync` waits for queued device work.
+fn sasrec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize, warm: usize, steps: usize,
+                           sync: &dyn Fn()) -> f64 {
+    let mut rng = Rng::new(1);
+    let mut b = ParamBuilder::new();
+    let model = SasRec::new(&mut b, &cfg.sasrec, data.dataset.num_items, &mut rng);
+    let mut store = b.build(be);
+    let t = &cfg.train;
+    let mut opt = AdamW::new(store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
+    let n = data.split.train.len();
+    let mut seqs = 0usize;
+    let mut t0 = Instant::now();
+    for s in 0..warm + steps {
+        if s == warm {
+            sync();
+            t0 = Instant::now();
+            seqs = 0;
+        }
+        let o = sasrec_step(be, cfg, &model, &mut store, &mut opt, data, &batch_users(s, bsz, n), &mut rng, s, 1e-3)
+            .expect("sasrec step").expect("a non-empty batch");
+        seqs += o.sequences;
+    }
+    sync();
+    seqs as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn ur4rec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize, warm: usize, steps: usize,
+                           sync: &dyn Fn()) -> f64 {
+    let mut tr = Trainer::new(be, cfg, data).expect("UR4Rec trainer");
+    tr.set_stage_trainable(4, Module::Sasrec);
+    let t = &cfg.train;
+    let mut opt = AdamW::new(tr.store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
+    let lrs: Vec<f32> = tr.store.groups.iter().map(|g| if g.name == "sasrec" { t.lr } else { cfg.ur4rec.retriever_lr }).collect();
+    let n = data.split.train.len();
+    let mut seqs = 0usize;
+    let mut t0 = Instant::now();
+    for s in 0..warm + steps {
+        if s == warm {
+            sync();
+            t0 = Instant::now();
+            seqs = 0;
+        }
+        let users = batch_users(s, bsz, n);
+        let mut tape = Tape::new(be, cfg.seed, s as u64);
+        let (loss, l, _enqueue) = tr.losses(&mut tape, 4, &users).expect("UR4Rec losses").expect("a non-empty batch");
+        assert!(l.total.is_finite(), "non-finite UR4Rec loss at step {s}: {l:?}");
+        tr.store.zero_grads(be);
+        tape.backward(loss, &mut tr.store.grads);
+        drop(tape);
+        opt.step(be, &mut tr.store, &lrs, t.clip_norm);
+        seqs += users.len();
+    }
+    sync();
+    seqs as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let cfg = config();
+    let data = prepared(&cfg);
+    let (cpu_steps, gpu_steps) = (env_usize("BENCH_CPU_STEPS", 3), env_usize("BENCH_GPU_STEPS", 20));
+    println!("step: training step throughput, synthetic data ({} users, {} items, text 384 / visual 512 features), \
+              preset ur4rec (hidden {}, {} blocks, {} heads, L {}), memory bank + distillation on",
+             data.dataset.num_users, data.dataset.num_items, cfg.sasrec.hidden, cfg.sasrec.blocks, cfg.sasrec.heads,
+             cfg.sasrec.max_len);
+    println!("CPU: {} threads, 1 warm-up + {cpu_steps} timed steps per row", rayon::current_num_threads());
+    let gpu = match CudaBackend::new(0) {
+        Ok(g) => {
+            println!("GPU: {} — 3 warm-up + {gpu_steps} timed steps per row", g.name());
+            Some(g)
+        }
+        Err(e) => {
+            println!("GPU: skipped ({e})");
+            None
+        }
+    };
+    println!("{:<8} {:>6} {:>12} {:>12} {:>9}", "model", "batch", "CPU seq/s", "GPU seq/s", "GPU/CPU");
+    let cpu = CpuBackend::new();
+    for model in ["sasrec", "ur4rec"] {
+        for bsz in [32usize, 256] {
+            let run_cpu = || -> f64 {
+                match model {
+                    "sasrec" => sasrec_rate(&cpu, &cfg, &data, bsz, 1, cpu_steps, &|| {}),
+                    _ => ur4rec_rate(&cpu, &cfg, &data, bsz, 1, cpu_steps, &|| {}),
+                }
+            };
+            let c = run_cpu();
+            let g = gpu.as_ref().map(|g| {
+                let sync = || g.synchronize();
+                match model {
+                    "sasrec" => sasrec_rate(g, &cfg, &data, bsz, 3, gpu_steps, &sync),
+                    _ => ur4rec_rate(g, &cfg, &data, bsz, 3, gpu_steps, &sync),
+                }
+            });
+            match g {
+                Some(g) => println!("{model:<8} {bsz:>6} {c:>12.1} {g:>12.1} {:>8.2}x", g / c),
+                None => println!("{model:<8} {bsz:>6} {c:>12.1} {:>12} {:>9}", "-", "-"),
+            }
+        }
+    }
+}
