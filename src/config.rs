@@ -101,13 +101,34 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Write a metrics line every this many steps (1: every step).
     pub log_every: usize,
+    /// A step whose loss or gradient is non-finite is skipped (no optimizer update) and logged; this many
+    /// consecutive skipped steps stop the run with an error (see `train::guard`).
+    pub max_bad_steps: usize,
+    /// Deterministic mode. On the CPU results never depend on the thread count (fixed row blocks,
+    /// fixed-order reductions; tested in `tests/reliability.rs`), so this changes nothing there; on the GPU
+    /// it selects the kernels without float atomics, so two runs give bit-identical losses.
+    pub deterministic: bool,
+    /// Testing aid: multiplies the loss by NaN at this global step (the step is then skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inject_nan_at_step: Option<usize>,
+    /// Testing aid: multiplies the loss by NaN at this global step and every later one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inject_nan_from_step: Option<usize>,
+}
+
+impl TrainConfig {
+    /// Whether the testing aids `inject_nan_*` poison the loss at global step `step`.
+    pub fn inject_nan(&self, step: usize) -> bool {
+        self.inject_nan_at_step == Some(step) || self.inject_nan_from_step.is_some_and(|s| step >= s)
+    }
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig { epochs: 20, batch_size: 128, objective: Objective::EveryPosition, negatives: 5, lr: 1e-3,
                       weight_decay: 1e-5, beta1: 0.9, beta2: 0.999, adam_eps: 1e-8, schedule: Schedule::WarmupCosine,
-                      warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 1 }
+                      warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 1,
+                      max_bad_steps: 10, deterministic: false, inject_nan_at_step: None, inject_nan_from_step: None }
     }
 }
 

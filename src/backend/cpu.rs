@@ -11,6 +11,12 @@ use rayon::prelude::*;
 const ROW_CHUNK: usize = 64;
 /// Below this many multiply-adds a product runs on the calling thread.
 const GEMM_PARALLEL_MIN: usize = 1 << 17;
+/// Multiply-adds per row block of a parallel product (~0.1 ms on one core): enough blocks to balance any
+/// thread count, few enough that scheduling and re-packing `B` per block stay small.
+const GEMM_BLOCK_WORK: usize = 1 << 20;
+/// Row blocks are whole multiples of this many rows (the `gemm` crate's f32 micro-kernels are 8–48 rows
+/// tall), so a block is never a sliver that re-packs `B` for a handful of rows.
+const GEMM_BLOCK_ROWS: usize = 16;
 
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
@@ -142,15 +148,16 @@ impl CpuBackend {
         let (rsa, csa) = if trans_a { (1isize, m as isize) } else { (k as isize, 1isize) };
         let (rsb, csb) = if trans_b { (1isize, k as isize) } else { (n as isize, 1isize) };
         let work = m * n * k;
-        let threads = rayon::current_num_threads();
-        if work < GEMM_PARALLEL_MIN || threads == 1 || m < 2 {
+        if work < GEMM_PARALLEL_MIN || m <= GEMM_BLOCK_ROWS {
             unsafe { sgemm_raw(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize) };
             return;
         }
-        // Row blocks: each C element is produced by exactly one call with the same k-order, so the
-        // result is identical for any number of blocks.
-        let blocks = (threads * 2).min(m);
-        let rows_per = m.div_ceil(blocks);
+        // Row blocks chosen from the shape alone, never from the thread count: the `gemm` crate's result
+        // for a row can depend on the height of the call it is in (its blocking and k-order differ, e.g.
+        // for thin products such as n = 7, k = 3000), so a thread-dependent split made results depend on
+        // the thread count (tests/reliability.rs). Each C element is produced by exactly one call.
+        let blocks = (work / GEMM_BLOCK_WORK).max(2);
+        let rows_per = m.div_ceil(blocks).next_multiple_of(GEMM_BLOCK_ROWS);
         let cp = SyncPtr(c.as_mut_ptr());
         let ap = a.as_ptr() as usize;
         let bp = b.as_ptr() as usize;

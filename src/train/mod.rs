@@ -3,6 +3,7 @@ pub mod batch;
 pub mod optim;
 pub mod schedule;
 pub mod objective;
+pub mod guard;
 pub mod trainer;
 pub mod ur4rec_trainer;
 pub mod strategies;

@@ -14,6 +14,7 @@ use crate::report::RunDir;
 use crate::rng::Rng;
 use crate::tape::Tape;
 use crate::train::objective::sasrec_loss;
+use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
 use anyhow::{bail, Context, Result};
@@ -147,12 +148,17 @@ impl std::fmt::Display for TrainSummary {
 /// What one training step did.
 pub struct StepOutcome {
     pub loss: f32,
+    /// NaN when the step was skipped.
     pub grad_norm: f64,
     pub sequences: usize,
     pub tokens: usize,
+    /// Set when the loss or a gradient was non-finite: the optimizer did not run (weights, moments and
+    /// AdamW's step counts are untouched); the caller reports it through a [`StepGuard`].
+    pub skipped: Option<NonFinite>,
 }
 
-/// One SASRec training step on `users` (0-based): forward on a fresh tape, backward, AdamW.
+/// One SASRec training step on `users` (0-based): forward on a fresh tape, backward, AdamW — unless the
+/// loss or a gradient is non-finite (see `train::guard`).
 /// Returns `None` when no user in the batch has a training pair.
 #[allow(clippy::too_many_arguments)]
 pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store: &mut ParamStore<B>, opt: &mut AdamW,
@@ -163,19 +169,22 @@ pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store:
     let vars = model.bind(&mut tape, store);
     let Some(bl) = sasrec_loss(&mut tape, model, &vars, &data.split.train, users, &data.sampler, rng, t.objective,
                                t.negatives) else { return Ok(None) };
-    let loss = tape.scalar(bl.loss);
-    if !loss.is_finite() {
-        bail!("non-finite training loss {loss} at step {step} (tensor: sasrec loss)");
+    let loss_var = if t.inject_nan(step) { tape.scale(bl.loss, f32::NAN) } else { bl.loss };
+    let loss = tape.scalar(loss_var);
+    let skipped = |what| Ok(Some(StepOutcome { loss, grad_norm: f64::NAN, sequences: bl.sequences, tokens: bl.tokens,
+                                               skipped: Some(what) }));
+    if let Some(what) = guard::check_losses(&[("sasrec", loss)]) {
+        return skipped(what);
     }
     store.zero_grads(backend);
-    tape.backward(bl.loss, &mut store.grads);
+    tape.backward(loss_var, &mut store.grads);
     drop(tape);
+    if let Some(what) = guard::check_grads(backend, store) {
+        return skipped(what);
+    }
     let reports = opt.step(backend, store, &[lr], t.clip_norm);
     let grad_norm = reports.first().map(|r| r.grad_norm).unwrap_or(0.0);
-    if !grad_norm.is_finite() {
-        bail!("non-finite gradient norm at step {step} (parameter group sasrec)");
-    }
-    Ok(Some(StepOutcome { loss, grad_norm, sequences: bl.sequences, tokens: bl.tokens }))
+    Ok(Some(StepOutcome { loss, grad_norm, sequences: bl.sequences, tokens: bl.tokens, skipped: None }))
 }
 
 /// Prints above the progress bar, or plainly when the bar is hidden (quiet mode, not a terminal).
@@ -215,6 +224,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
     let mut step = 0usize;
     let (mut train_secs, mut seqs_done, mut tokens_done) = (0.0f64, 0usize, 0usize);
     let mut epochs_run = 0;
+    let mut guard = StepGuard::new(t.max_bad_steps);
     let bar = if opts.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps as u64) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
@@ -229,6 +239,14 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
             let lr = t.lr * lr_factor(t.schedule, step, total_steps, t.warmup_steps);
             let Some(o) = sasrec_step(backend, cfg, &model, &mut store, &mut opt, data, chunk, &mut rng, step, lr)
                 .with_context(|| format!("epoch {epoch}"))? else { continue };
+            if let Some(what) = &o.skipped {
+                // The batch is consumed and the schedule moves on; only the update is dropped.
+                guard.bad(run, None, epoch, step, what).inspect_err(|_| bar.finish_and_clear())?;
+                step += 1;
+                bar.inc(1);
+                continue;
+            }
+            guard.good();
             let (loss, grad_norm) = (o.loss, o.grad_norm);
             loss_sum += loss as f64;
             loss_n += 1;
@@ -261,6 +279,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
             best = Some((epoch, valid.sampled.clone()));
             since_best = 0;
             let meta = HashMap::from([("epoch".to_string(), epoch.to_string()), ("step".to_string(), step.to_string())]);
+            guard::check_weights(backend, &store, &best_path)?;
             checkpoint::save_params(backend, &store, &best_path, meta)?;
         } else {
             since_best += 1;

@@ -16,6 +16,7 @@ use crate::rng::Rng;
 use crate::tape::{Tape, Var};
 use crate::train::batch::SeqBatch;
 use crate::train::objective::sasrec_loss;
+use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
 use crate::train::strategies::{AdaptiveAlternation, Alternation, LossWeights, MemoryBank, Module, ParityAlternation,
@@ -38,6 +39,25 @@ pub struct StepLosses {
     pub contrastive: f32,
     pub diversity: f32,
     pub distillation: f32,
+}
+
+impl StepLosses {
+    /// The named terms, in the order a non-finite total is attributed to them.
+    fn terms(&self) -> [(&'static str, f32); 7] {
+        [("sasrec", self.sasrec), ("retrieval", self.retrieval), ("consistency", self.consistency),
+         ("contrastive", self.contrastive), ("diversity", self.diversity), ("distillation", self.distillation),
+         ("total", self.total)]
+    }
+}
+
+/// What one UR4Rec training step did.
+#[derive(Clone, Debug)]
+pub struct StepResult {
+    pub losses: StepLosses,
+    /// Gradient norm (before clipping) per parameter group that stepped; empty when skipped.
+    pub grad_norm: BTreeMap<String, f64>,
+    /// Set when the loss or a gradient was non-finite: no optimizer update, no memory-bank enqueue.
+    pub skipped: Option<NonFinite>,
 }
 
 #[derive(Serialize)]
@@ -142,7 +162,7 @@ pub struct Trainer<'a, B: Backend> {
     data: &'a PreparedData,
     pub model: Ur4Rec,
     pub store: ParamStore<B>,
-    opt: AdamW,
+    pub opt: AdamW,
     pub rng: Rng,
     pub step: usize,
     pub banks: Option<(MemoryBank, MemoryBank)>,
@@ -216,9 +236,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if stage == 1 {
             let Some(bl) = sasrec_loss(tape, &self.model.sasrec, &sv, &data.split.train, &users, &data.sampler, &mut self.rng,
                                        self.cfg.train.objective, cfg.negatives) else { return Ok(None) };
-            l.sasrec = tape.scalar(bl.loss);
+            let loss = if self.cfg.train.inject_nan(self.step) { tape.scale(bl.loss, f32::NAN) } else { bl.loss };
+            l.sasrec = tape.scalar(loss);
             l.total = l.sasrec;
-            return Ok(Some((bl.loss, l, None)));
+            return Ok(Some((loss, l, None)));
         }
         let k = cfg.negatives;
         let j = 1 + k;
@@ -258,6 +279,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             RetrievalLoss::Softmax => tape.cross_entropy(r, &vec![0; users.len()]),
         };
+        // Testing aid (train.inject_nan_*): poisons a named term, so the guard's attribution is exercised.
+        let ret = if self.cfg.train.inject_nan(self.step) { tape.scale(ret, f32::NAN) } else { ret };
         l.retrieval = tape.scalar(ret);
         terms.push(tape.scale(ret, cfg.retrieval_weight));
         let mut enqueue = None;
@@ -321,6 +344,41 @@ impl<'a, B: Backend> Trainer<'a, B> {
         l.total = tape.scalar(total);
         Ok(Some((total, l, enqueue)))
     }
+
+    /// One training step of `stage` on `users` (0-based) at global step `self.step` (not advanced here):
+    /// losses, backward, AdamW with the per-group `lrs`, then the memory-bank enqueue. A non-finite loss or
+    /// gradient skips the update and the enqueue (see `train::guard`). `None`: no user had a training pair.
+    pub fn train_step(&mut self, stage: usize, users: &[usize], lrs: &[f32]) -> Result<Option<StepResult>> {
+        let backend = self.backend;
+        let mut tape = Tape::new(backend, self.cfg.seed, self.step as u64);
+        let Some((loss, losses, enqueue)) = self.losses(&mut tape, stage, users)? else { return Ok(None) };
+        let skipped = |losses, what| Ok(Some(StepResult { losses, grad_norm: BTreeMap::new(), skipped: Some(what) }));
+        // Only the total reaches the weights (a term with weight 0 may be computed and not used); a bad total
+        // is attributed to the first bad term.
+        if !losses.total.is_finite() {
+            let what = guard::check_losses(&losses.terms()).expect("the total is non-finite");
+            return skipped(losses, what);
+        }
+        self.store.zero_grads(backend);
+        tape.backward(loss, &mut self.store.grads);
+        drop(tape);
+        if let Some(what) = guard::check_grads(backend, &self.store) {
+            return skipped(losses, what);
+        }
+        let reports = self.opt.step(backend, &mut self.store, lrs, self.cfg.train.clip_norm);
+        let grad_norm = reports.iter().map(|r| (self.store.groups[r.group].name.clone(), r.grad_norm)).collect();
+        if let (Some((bt, bv)), Some((t, v))) = (self.banks.as_mut(), enqueue) {
+            let ids: Vec<u32> = users.iter().filter(|&&x| self.data.split.train[x].len() >= 2).map(|&x| x as u32 + 1).collect();
+            bt.enqueue(&t, &ids, self.step as u64);
+            bv.enqueue(&v, &ids, self.step as u64);
+        }
+        Ok(Some(StepResult { losses, grad_norm, skipped: None }))
+    }
+
+    /// The learning rates of every group at `stage_step` of a stage of `stage_steps` steps.
+    pub fn lrs(&self, stage: usize, stage_step: usize, stage_steps: usize) -> Vec<f32> {
+        self.group_lrs(stage, stage_step, stage_steps)
+    }
 }
 
 /// Trains the four UR4Rec stages and evaluates on the test split.
@@ -339,6 +397,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
     let mut order: Vec<usize> = (0..users).collect();
     let mut stages = Vec::new();
     let mut alpha = u.fusion_alpha;
+    let mut guard = StepGuard::new(cfg.train.max_bad_steps);
     let sweep: &[f32] = if u.calibrate_fusion { &ALPHA_GRID } else { &[] };
     for stage in 1..=4 {
         let epochs = u.stage_epochs[stage - 1];
@@ -365,6 +424,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
             let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep, None)?;
             let sel = selection(cfg, stage, &e);
             run.log(&EvalRecord { kind: "eval", stage, epoch: 0, step: tr.step, split: "valid", eval: &e, selection: sel, train_loss: f64::NAN })?;
+            guard::check_weights(backend, &tr.store, &ckpt)?;
             checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), "0".into())]))?;
             best = Some((0, sel, e, tr.banks.clone()));
         }
@@ -390,27 +450,17 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                     }
                 }
                 let lrs = tr.group_lrs(stage, stage_step, stage_steps);
-                let mut tape = Tape::new(backend, cfg.seed, tr.step as u64);
-                let Some((loss, l, enqueue)) = tr.losses(&mut tape, stage, chunk)? else { continue };
-                if !l.total.is_finite() {
-                    bail!("non-finite loss at stage {stage}, epoch {epoch}, step {} ({l:?})", tr.step);
+                let Some(StepResult { losses: l, grad_norm, skipped }) = tr.train_step(stage, chunk, &lrs)? else { continue };
+                if let Some(what) = &skipped {
+                    // The batch is consumed and the schedule moves on; the update, the enqueue and the
+                    // alternation's loss record are dropped.
+                    guard.bad(run, Some(stage), epoch, tr.step, what).inspect_err(|_| bar.finish_and_clear())?;
+                    tr.step += 1;
+                    stage_step += 1;
+                    bar.inc(1);
+                    continue;
                 }
-                tr.store.zero_grads(backend);
-                tape.backward(loss, &mut tr.store.grads);
-                drop(tape);
-                let reports = tr.opt.step(backend, &mut tr.store, &lrs, cfg.train.clip_norm);
-                let mut grad_norm = BTreeMap::new();
-                for r in &reports {
-                    if !r.grad_norm.is_finite() {
-                        bail!("non-finite gradient in parameter group {} at stage {stage}, step {}", tr.store.groups[r.group].name, tr.step);
-                    }
-                    grad_norm.insert(tr.store.groups[r.group].name.clone(), r.grad_norm);
-                }
-                if let (Some((bt, bv)), Some((t, v))) = (tr.banks.as_mut(), enqueue) {
-                    let ids: Vec<u32> = chunk.iter().filter(|&&x| data.split.train[x].len() >= 2).map(|&x| x as u32 + 1).collect();
-                    bt.enqueue(&t, &ids, tr.step as u64);
-                    bv.enqueue(&v, &ids, tr.step as u64);
-                }
+                guard.good();
                 if stage == 3 {
                     if let Some(ev) = alternation.record(stage_step, l.sasrec, l.retrieval) {
                         switches += 1;
@@ -439,6 +489,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
             say(&bar, format!("stage {stage} epoch {epoch:>3}  loss {:.4}  valid NDCG@10 fused {:.4} sasrec {:.4} retriever {:.4}",
                               loss_sum / loss_n.max(1) as f64, e.fused.sampled.ndcg10, e.sasrec.sampled.ndcg10, e.retriever.sampled.ndcg10));
             if best.as_ref().is_none_or(|b| sel > b.1) {
+                guard::check_weights(backend, &tr.store, &ckpt)?;
                 checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), epoch.to_string())]))?;
                 best = Some((epoch, sel, e, tr.banks.clone()));
                 since_best = 0;
@@ -464,6 +515,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
     let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, alpha, &[], None)?;
     run.log(&EvalRecord { kind: "eval", stage: 5, epoch: 0, step: tr.step, split: "test", eval: &test, selection: test.fused.sampled.ndcg10, train_loss: f64::NAN })?;
     run.flush()?;
+    guard::check_weights(backend, &tr.store, &run.file("final.safetensors"))?;
     checkpoint::save_params(backend, &tr.store, &run.file("final.safetensors"), HashMap::new())?;
     Ok(Ur4RecSummary {
         dataset: data.dataset.name.clone(),
