@@ -67,6 +67,10 @@ struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Deterministic mode: on the GPU, reductions without float atomics (embedding backward by sorted
+    /// segments); the CPU backend is always independent of the thread count. Sets train.deterministic.
+    #[arg(long)]
+    deterministic: bool,
     /// Configuration overrides, `section.key=value` (e.g. train.lr=5e-4 sasrec.norm=post).
     overrides: Vec<String>,
 }
@@ -173,14 +177,14 @@ const ENABLE_CUDA_ENV: &str = "UR4REC_ENABLE_CUDA";
 
 /// Picks the backend. `cpu`; `cuda` / `cuda:N`: the CUDA backend on GPU N or a clear error; `auto`: the GPU
 /// when one starts and `UR4REC_ENABLE_CUDA=1`, otherwise the CPU, saying why. Never panics.
-fn choose_device(device: &str) -> Result<Device> {
+fn choose_device(device: &str, deterministic: bool) -> Result<Device> {
     let d = device.trim().to_ascii_lowercase();
     match d.as_str() {
         "cpu" => Ok(Device::Cpu(CpuBackend::new())),
         "auto" => {
             let enabled = std::env::var(ENABLE_CUDA_ENV).map(|v| v == "1").unwrap_or(false);
             let why = if enabled {
-                match cuda::CudaBackend::new(0) {
+                match cuda::CudaBackend::new(0).map(|g| g.with_deterministic(deterministic || g.is_deterministic())) {
                     Ok(gpu) => {
                         eprintln!("device: {} ({ENABLE_CUDA_ENV}=1; note: the CUDA kernels have not been validated on a \
                                    GPU yet; compare against --device cpu){}", gpu.name(),
@@ -204,7 +208,7 @@ fn choose_device(device: &str) -> Result<Device> {
                 Some(n) => n.parse().with_context(|| format!("--device {device}: bad GPU ordinal"))?,
                 None => 0,
             };
-            match cuda::CudaBackend::new(n) {
+            match cuda::CudaBackend::new(n).map(|g| g.with_deterministic(deterministic || g.is_deterministic())) {
                 Ok(gpu) => {
                     eprintln!("device: {} (note: the CUDA kernels have not been validated on a GPU yet){}", gpu.name(),
                               if gpu.is_deterministic() { "; deterministic embedding backward" } else { "" });
@@ -278,10 +282,13 @@ fn train(args: TrainArgs) -> Result<()> {
         cfg.seed = s;
     }
     cfg.apply_overrides(&args.overrides).map_err(anyhow::Error::msg)?;
+    if args.deterministic {
+        cfg.train.deterministic = true;
+    }
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
     }
-    let device = choose_device(&args.device)?;
+    let device = choose_device(&args.device, cfg.train.deterministic)?;
     let data = PreparedData::from_config(&cfg)?;
     let out = args.out.clone().unwrap_or_else(|| default_run_dir(&data.dataset.name));
     let mut run = RunDir::create(&out).with_context(|| format!("creating run directory {}", out.display()))?;
@@ -405,7 +412,7 @@ fn ablation(args: AblationArgs) -> Result<()> {
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
     }
-    let device = choose_device(&args.device)?;
+    let device = choose_device(&args.device, cfg.train.deterministic)?;
     let data = PreparedData::from_config(&cfg)?;
     let out = args.out.clone().unwrap_or_else(|| default_run_dir(&format!("ablation-{}", data.dataset.name)));
     let rows = device.run(AblationJob { cfg: &cfg, data: &data, seeds: args.seeds, out: &out, only: &args.only })?;
