@@ -184,7 +184,7 @@ fn choose_device(device: &str, deterministic: bool) -> Result<Device> {
         "auto" => {
             let enabled = std::env::var(ENABLE_CUDA_ENV).map(|v| v == "1").unwrap_or(false);
             let why = if enabled {
-                match cuda::CudaBackend::new(0).map(|g| g.with_deterministic(deterministic || g.is_deterministic())) {
+                match cuda::CudaBackend::new(0).map(|g| { let on = deterministic || g.is_deterministic(); g.with_deterministic(on) }) {
                     Ok(gpu) => {
                         eprintln!("device: {} ({ENABLE_CUDA_ENV}=1; note: the CUDA kernels have not been validated on a \
                                    GPU yet; compare against --device cpu){}", gpu.name(),
@@ -208,7 +208,7 @@ fn choose_device(device: &str, deterministic: bool) -> Result<Device> {
                 Some(n) => n.parse().with_context(|| format!("--device {device}: bad GPU ordinal"))?,
                 None => 0,
             };
-            match cuda::CudaBackend::new(n).map(|g| g.with_deterministic(deterministic || g.is_deterministic())) {
+            match cuda::CudaBackend::new(n).map(|g| { let on = deterministic || g.is_deterministic(); g.with_deterministic(on) }) {
                 Ok(gpu) => {
                     eprintln!("device: {} (note: the CUDA kernels have not been validated on a GPU yet){}", gpu.name(),
                               if gpu.is_deterministic() { "; deterministic embedding backward" } else { "" });
