@@ -155,8 +155,9 @@ impl CpuBackend {
         // Row blocks chosen from the shape alone, never from the thread count: the `gemm` crate's result
         // for a row can depend on the height of the call it is in (its blocking and k-order differ, e.g.
         // for thin products such as n = 7, k = 3000), so a thread-dependent split made results depend on
-        // the thread count (tests/reliability.rs). Each C element is produced by exactly one call.
-        let blocks = (work / GEMM_BLOCK_WORK).max(2);
+        // the thread count (tests/reliability.rs). Each C element is produced by exactly one call. At most
+        // 4 blocks: more, smaller calls measured slower at SASRec's shapes (d = 50) on 2 cores.
+        let blocks = (work / GEMM_BLOCK_WORK).clamp(2, 4);
         let rows_per = m.div_ceil(blocks).next_multiple_of(GEMM_BLOCK_ROWS);
         let cp = SyncPtr(c.as_mut_ptr());
         let ap = a.as_ptr() as usize;
