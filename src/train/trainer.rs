@@ -188,7 +188,7 @@ pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store:
 }
 
 /// Prints above the progress bar, or plainly when the bar is hidden (quiet mode, not a terminal).
-fn say(bar: &indicatif::ProgressBar, msg: String) {
+pub(crate) fn say(bar: &indicatif::ProgressBar, msg: String) {
     if bar.is_hidden() {
         eprintln!("{msg}");
     } else {

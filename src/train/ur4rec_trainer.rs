@@ -21,7 +21,7 @@ use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
 use crate::train::strategies::{AdaptiveAlternation, Alternation, LossWeights, MemoryBank, Module, ParityAlternation,
                                UnfreezeSchedule, Weights};
-use crate::train::trainer::{PreparedData, RunOptions};
+use crate::train::trainer::{say, PreparedData, RunOptions};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -131,9 +131,6 @@ impl std::fmt::Display for Ur4RecSummary {
     }
 }
 
-fn say(bar: &indicatif::ProgressBar, msg: String) {
-    if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) }
-}
 
 /// The selection metric of a stage. With calibration, the fused score is taken at its best weight.
 fn selection(cfg: &Config, stage: usize, e: &Ur4RecEval) -> f64 {
