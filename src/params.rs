@@ -71,8 +71,8 @@ impl ParamBuilder {
         let len: usize = shape.iter().product();
         let offset = self.values.len();
         match init {
-            Init::Zeros => self.values.extend(std::iter::repeat(0.0).take(len)),
-            Init::Ones => self.values.extend(std::iter::repeat(1.0).take(len)),
+            Init::Zeros => self.values.extend(std::iter::repeat_n(0.0, len)),
+            Init::Ones => self.values.extend(std::iter::repeat_n(1.0, len)),
             Init::Normal(std) => self.values.extend((0..len).map(|_| rng.normal() * std)),
             Init::Uniform(b) => self.values.extend((0..len).map(|_| (rng.uniform() * 2.0 - 1.0) * b)),
             Init::NormalPadded(std) => {

@@ -10,7 +10,7 @@ use crate::rng::{counter_base, counter_uniform_at};
 use rayon::prelude::*;
 
 /// Split `buf` into consecutive disjoint pieces of the given lengths.
-fn split_lengths<'a>(mut buf: &'a mut [f32], lengths: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+fn split_lengths(mut buf: &mut [f32], lengths: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     let mut out = Vec::new();
     for n in lengths {
         let (a, b) = std::mem::take(&mut buf).split_at_mut(n);

@@ -245,7 +245,7 @@ impl Retriever {
     pub fn score<B: Backend>(&self, tape: &mut Tape<B>, v: &RetrieverVars, user: Var, cands: &[u32], c: usize) -> Var {
         let b = cands.len() / c;
         let items = self.items(tape, v, cands);
-        let rep: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat(i).take(c)).collect();
+        let rep: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, c)).collect();
         let users = tape.gather_rows(user, &rep, None);
         let cos = tape.row_dot(users, items);
         let cos = tape.reshape(cos, &[b, c]);

@@ -87,7 +87,7 @@ struct BlockVars {
 impl SasRec {
     pub fn new(b: &mut ParamBuilder, cfg: &SasRecConfig, num_items: usize, rng: &mut Rng) -> Self {
         let d = cfg.hidden;
-        assert!(d % cfg.heads == 0, "hidden {} must be divisible by heads {}", d, cfg.heads);
+        assert!(d.is_multiple_of(cfg.heads), "hidden {} must be divisible by heads {}", d, cfg.heads);
         let item_embedding = b.add("sasrec", "sasrec.item_embedding", &[num_items + 1, d],
                                    Init::NormalPadded(xavier(num_items + 1, d)), rng);
         let position_embedding = b.add("sasrec", "sasrec.position_embedding", &[cfg.max_len, d],

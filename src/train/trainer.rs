@@ -252,7 +252,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
             loss_n += 1;
             ep_seqs += o.sequences;
             ep_tokens += o.tokens;
-            if t.log_every > 0 && step % t.log_every == 0 {
+            if t.log_every > 0 && step.is_multiple_of(t.log_every) {
                 run.log(&StepRecord { kind: "step", epoch, step, loss, lr, grad_norm })?;
             }
             step += 1;
