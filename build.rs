@@ -1,5 +1,5 @@
-//! Embeds every `kernels/*.cu` file into the binary as a `(name, source)` table, so NVRTC can compile
-//! them at run time without the source tree being present.
+//! Embeds every `kernels/*.cu` file into the binary as a `(name, source)` table, plus the shared prelude
+//! `kernels/common.cuh`, so NVRTC can compile them at run time without the source tree being present.
 use std::{env, fs, path::Path};
 
 fn main() {
@@ -18,7 +18,12 @@ fn main() {
         }
     }
     entries.sort();
-    let mut out = String::from("/// `(kernel family, CUDA source)` for every file in `kernels/`.\npub const KERNEL_SOURCES: &[(&str, &str)] = &[\n");
+    // The shared prelude (kernels/common.cuh) every family is compiled with.
+    let prelude = fs::canonicalize(dir.join("common.cuh")).expect("kernels/common.cuh is missing");
+    println!("cargo:rerun-if-changed={}", prelude.display());
+    let mut out = format!("/// The prelude (`kernels/common.cuh`) prepended to every kernel family before NVRTC compiles it.\n\
+                           pub const KERNEL_PRELUDE: &str = include_str!({:?});\n", prelude.to_string_lossy());
+    out.push_str("/// `(kernel family, CUDA source)` for every `.cu` file in `kernels/`.\npub const KERNEL_SOURCES: &[(&str, &str)] = &[\n");
     for (name, path) in &entries {
         out.push_str(&format!("    ({name:?}, include_str!({path:?})),\n"));
     }

@@ -13,31 +13,6 @@
 // (n ≤ 200, dh ≤ 64) the per-(sequence, head) working set is ≤ 100 KB and stays in L1/L2. A tiled
 // shared-memory variant is the obvious next step once it can be timed on the GPU.
 
-// NVRTC has no <math.h> macros: -inf and a quiet NaN by their bit patterns.
-#define NEG_INF (__int_as_float(0xff800000u))
-
-__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-// Identical to `rng::counter_uniform_at` + the CPU's `dropout_factors`: keep iff u >= p.
-__device__ __forceinline__ float keep_factor(unsigned long long base, unsigned long long e, float p, float scale) {
-    float u = (float)(mix64(base ^ e) >> 40) * (1.0f / 16777216.0f);
-    return u >= p ? scale : 0.0f;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // Offset of this (sequence, head)'s n×n block in the probability buffer. Every thread recomputes it from
 // the offsets (S reads, cached) so no prefix-sum buffer has to be built on the host per batch.
 __device__ __forceinline__ unsigned long long prob_block(const unsigned int* offsets, unsigned int s, unsigned int h,

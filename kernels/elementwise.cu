@@ -2,10 +2,6 @@
 // One thread per element with a grid-stride loop, so any length runs on a capped grid. Backward kernels
 // ACCUMULATE (`dx +=`), as the Backend trait requires: a tensor used twice receives both gradients.
 
-#define GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
-
 // Same branch structure as the CPU `sigmoid`: never overflows expf for large |x|.
 __device__ __forceinline__ float sigmoid_f(float x) {
     if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));

@@ -6,17 +6,10 @@
 // This is the straightforward CUDA-core version (one block per query / key, warps over candidates);
 // a tensor-core tiled version is the performance follow-up (gpu-toolchain.md roofline).
 
-#define BLOCK 256
 #define WARPS (BLOCK / 32)
 #define TILE 64
 // Per-thread accumulators cover d ≤ BLOCK * MAX_PER_THREAD (the launcher checks).
 #define MAX_PER_THREAD 4
-#define NEG_INF_D (__longlong_as_double(0xfff0000000000000ull))
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 // The key of candidate c for query i, or null when masked.
 __device__ __forceinline__ const float* candidate(unsigned int c, unsigned int i, const float* k, const float* bank,

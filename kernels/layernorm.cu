@@ -3,21 +3,7 @@
 // memory or block syncs. Mean and variance accumulate in f64 like the CPU twin, so mean/rstd agree to
 // the last bit or two. The parameter gradients are column sums, done by a separate deterministic kernel.
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Every lane of a warp gets the same row, so the whole warp takes the same branches (full-mask shuffles).
-#define WARP_ROWS(row, rows) \
-    const unsigned int lane = threadIdx.x & 31u; \
-    const unsigned int wpb = blockDim.x >> 5; \
-    for (unsigned long long row = (unsigned long long)blockIdx.x * wpb + (threadIdx.x >> 5); row < (rows); \
-         row += (unsigned long long)gridDim.x * wpb)
 
 extern "C" __global__ void layer_norm_f32(float* y, float* mean, float* rstd, const float* x, const float* gamma,
                                           const float* beta, unsigned int rows, unsigned int cols, float eps) {

@@ -5,36 +5,6 @@
 // upstream gradient, read on the device (no host sync); each scale is computed as `dloss[0] / count`
 // exactly as the CPU does.
 
-// NVRTC has no <math.h> macros: -inf and a quiet NaN by their bit patterns.
-#define NEG_INF (__int_as_float(0xff800000u))
-#define QNAN (__int_as_float(0x7fc00000u))
-
-#define BLOCK 256
-
-__device__ double block_sum_d(double v) {
-    __shared__ double sh[BLOCK];
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = BLOCK / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    return sh[0];
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 __device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
 __device__ __forceinline__ float sigmoid_f(float x) {
     if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
@@ -45,14 +15,6 @@ __device__ __forceinline__ float sigmoid_f(float x) {
 #define BLOCK_STRIDE(i, n) \
     for (unsigned long long i = (unsigned long long)blockIdx.x * BLOCK + threadIdx.x; i < (n); \
          i += (unsigned long long)gridDim.x * BLOCK)
-#define GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
-#define WARP_ROWS(row, rows) \
-    const unsigned int lane = threadIdx.x & 31u; \
-    const unsigned int wpb = blockDim.x >> 5; \
-    for (unsigned long long row = (unsigned long long)blockIdx.x * wpb + (threadIdx.x >> 5); row < (rows); \
-         row += (unsigned long long)gridDim.x * wpb)
 
 // ---- BPR: mean_{r,k} softplus(neg[r,k] − pos[r]) --------------------------------------------------------
 extern "C" __global__ void bpr_partials_f32(double* partials, const float* pos, const float* neg, unsigned int rows,

@@ -4,20 +4,6 @@
 // in a fixed tree order into one f64 partial; stage 2 sums the partials in one block. No float atomics,
 // so two runs on the same input give the same bits (mission §9, deterministic mode).
 
-#define BLOCK 256
-
-// Tree reduction of one double per thread over a 256-thread block; the result is valid in thread 0.
-__device__ double block_sum_d(double v) {
-    __shared__ double sh[BLOCK];
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = BLOCK / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    return sh[0];
-}
-
 // mode 0: Σ x;  mode 1: Σ x² (squared in f64, as the CPU's gradient-norm sum).
 extern "C" __global__ void sum_partials_f32(double* partials, const float* x, unsigned long long n, int mode) {
     double acc = 0.0;

@@ -1,21 +1,6 @@
 // Row-wise ops over the last dimension and column indexing. CPU twins in src/backend/cpu.rs under the
 // same names. Row reductions use one warp per row (shuffles only); pure copies use one thread per element.
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-#define WARP_ROWS(row, rows) \
-    const unsigned int lane = threadIdx.x & 31u; \
-    const unsigned int wpb = blockDim.x >> 5; \
-    for (unsigned long long row = (unsigned long long)blockIdx.x * wpb + (threadIdx.x >> 5); row < (rows); \
-         row += (unsigned long long)gridDim.x * wpb)
-
-#define GRID_STRIDE(i, n) \
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (unsigned long long)gridDim.x * blockDim.x)
-
 // y[r] = x[r] / max(‖x[r]‖, eps); norms[r] = ‖x[r]‖ (kept for the backward).
 extern "C" __global__ void l2_normalize_f32(float* y, float* norms, const float* x, unsigned int rows,
                                             unsigned int cols, float eps) {

@@ -2,24 +2,6 @@
 // One warp per row, loops over the row in strides of 32 lanes, so any number of columns works (the
 // item-vocabulary rows of full cross-entropy included). Max-subtraction keeps expf in range.
 
-// NVRTC has no <math.h> macros: -inf and a quiet NaN by their bit patterns.
-#define NEG_INF (__int_as_float(0xff800000u))
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-#define WARP_ROWS(row, rows) \
-    const unsigned int lane = threadIdx.x & 31u; \
-    const unsigned int wpb = blockDim.x >> 5; \
-    for (unsigned long long row = (unsigned long long)blockIdx.x * wpb + (threadIdx.x >> 5); row < (rows); \
-         row += (unsigned long long)gridDim.x * wpb)
-
 extern "C" __global__ void softmax_f32(float* y, const float* x, unsigned int rows, unsigned int cols) {
     WARP_ROWS(r, rows) {
         const float* xr = x + r * cols;

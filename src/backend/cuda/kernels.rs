@@ -74,7 +74,9 @@ fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
 pub fn compile(family: &str, src: &str, arch: &str, output: Output) -> Result<Vec<u8>, KernelError> {
     crate::backend::cuda::probe_nvrtc().map_err(KernelError::NvrtcMissing)?;
     let family_s = family.to_string();
-    let src_c = CString::new(src).map_err(|_| KernelError::Nvrtc { family: family_s.clone(), what: "source contains NUL".into() })?;
+    // The shared prelude first; `#line` restarts numbering so compile logs point into `{family}.cu`.
+    let full = format!("{KERNEL_PRELUDE}\n#line 1 \"{family}.cu\"\n{src}");
+    let src_c = CString::new(full).map_err(|_| KernelError::Nvrtc { family: family_s.clone(), what: "source contains NUL".into() })?;
     let name_c = CString::new(format!("{family}.cu")).unwrap();
     let opts = options(arch);
     let r = panic::catch_unwind(|| -> Result<Vec<u8>, KernelError> {
