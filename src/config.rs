@@ -325,17 +325,9 @@ impl Config {
                              train: TrainConfig::default(), eval: EvalConfig::default(), ur4rec: Ur4RecConfig::default() };
         match name {
             "default" | "sasrec" => {
-                c.sasrec = SasRecConfig { hidden: 64, blocks: 2, heads: 2, ffn: 64, dropout: 0.2, max_len: 50,
-                                          norm: NormPlacement::Pre, scale_embedding: true, layer_norm_eps: 1e-8 };
+                kang_sasrec(&mut c, 64, 2, 50);
                 c.train.epochs = 30;
-                c.train.batch_size = 128;
-                c.train.schedule = Schedule::Constant;
-                c.train.warmup_steps = 0;
-                c.train.beta2 = 0.98;
-                c.train.weight_decay = 0.0;
-                c.train.clip_norm = 0.0;
                 c.train.eval_every = 5;
-                c.train.patience = 0;
                 if name == "default" {
                     c.pipeline = Pipeline::Ur4rec;
                     c.train.batch_size = 64;
@@ -357,18 +349,10 @@ impl Config {
                 c.eval.batch_size = 64;
             }
             "sasrec-paper" => {
-                c.sasrec = SasRecConfig { hidden: 50, blocks: 2, heads: 1, ffn: 50, dropout: 0.2, max_len: 200,
-                                          norm: NormPlacement::Pre, scale_embedding: true, layer_norm_eps: 1e-8 };
+                kang_sasrec(&mut c, 50, 1, 200);
                 c.data.min_rating = -1.0;
                 c.train.epochs = 200;
-                c.train.batch_size = 128;
-                c.train.schedule = Schedule::Constant;
-                c.train.warmup_steps = 0;
-                c.train.beta2 = 0.98;
-                c.train.weight_decay = 0.0;
-                c.train.clip_norm = 0.0;
                 c.train.eval_every = 20;
-                c.train.patience = 0;
             }
             other => return Err(format!("unknown preset {other:?}; choose one of {:?}", Self::PRESETS)),
         }
@@ -414,6 +398,20 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
     }
+}
+
+/// Kang & McAuley's SASRec settings (their code and pmixer's): pre-LN as in their code, √d embedding scale,
+/// FFN width d, dropout 0.2, batch 128, Adam with β₂ 0.98 at a constant rate, no decay, no clipping.
+fn kang_sasrec(c: &mut Config, hidden: usize, heads: usize, max_len: usize) {
+    c.sasrec = SasRecConfig { hidden, blocks: 2, heads, ffn: hidden, dropout: 0.2, max_len, norm: NormPlacement::Pre,
+                              scale_embedding: true, layer_norm_eps: 1e-8 };
+    c.train.batch_size = 128;
+    c.train.schedule = Schedule::Constant;
+    c.train.warmup_steps = 0;
+    c.train.beta2 = 0.98;
+    c.train.weight_decay = 0.0;
+    c.train.clip_norm = 0.0;
+    c.train.patience = 0;
 }
 
 fn merge(base: &mut toml::Value, patch: toml::Value) {
