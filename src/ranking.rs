@@ -37,6 +37,23 @@ pub fn eval_case(split: &Split, u: usize, which: EvalTarget) -> (Vec<u32>, u32) 
     }
 }
 
+/// The sampled-protocol candidates of a batch of users starting at user index `start`: per user the target
+/// then its frozen negatives, flattened, and the per-user width (every user must have as many negatives).
+fn sampled_candidates(cases: &[(Vec<u32>, u32)], eval_negatives: &[Vec<u32>], start: usize)
+                      -> Result<(Vec<u32>, usize), EvalError> {
+    let j = 1 + eval_negatives.get(start).map_or(0, |n| n.len());
+    let mut cand = Vec::with_capacity(cases.len() * j);
+    for (i, (_, target)) in cases.iter().enumerate() {
+        let negs = &eval_negatives[start + i];
+        if negs.len() + 1 != j {
+            return Err(EvalError::Inconsistent(format!("user {} has {} sampled negatives, others {}", start + i + 1, negs.len(), j - 1)));
+        }
+        cand.push(*target);
+        cand.extend_from_slice(negs);
+    }
+    Ok((cand, j))
+}
+
 /// Evaluates SASRec on every user. `eval_negatives[u]` are user `u+1`'s frozen sampled negatives.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamStore<B>, split: &Split,
@@ -56,17 +73,7 @@ pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamSto
         let h = model.user_vectors(&mut tape, &vars, &batch);
         let s = end - start;
         // Sampled: candidate 0 is the target.
-        let mut cand = Vec::with_capacity(s * (1 + cfg.negatives));
-        let mut width = None;
-        for (i, u) in (start..end).enumerate() {
-            let negs = &eval_negatives[u];
-            if *width.get_or_insert(negs.len()) != negs.len() {
-                return Err(EvalError::Inconsistent(format!("user {} has {} sampled negatives, others {}", u + 1, negs.len(), width.unwrap())));
-            }
-            cand.push(cases[i].1);
-            cand.extend_from_slice(negs);
-        }
-        let j = 1 + width.unwrap_or(0);
+        let (cand, j) = sampled_candidates(&cases, eval_negatives, start)?;
         let scores = tape.score_candidates(h, vars.item_table, &cand, j);
         let scores = tape.to_host(scores);
         if let Some(d) = dump.as_deref_mut() {
@@ -144,7 +151,6 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
     let bs = cfg.batch_size.max(1);
     for start in (0..users).step_by(bs) {
         let end = (start + bs).min(users);
-        let s = end - start;
         let cases: Vec<(Vec<u32>, u32)> = (start..end).map(|u| eval_case(split, u, which)).collect();
         let seqs: Vec<&[u32]> = cases.iter().map(|c| c.0.as_slice()).collect();
         let batch = SeqBatch::new(backend, &seqs, model.sasrec.cfg.max_len);
@@ -155,15 +161,7 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
         let user_ids: Vec<u32> = (start as u32 + 1..=end as u32).collect();
         let (ti, vi) = model.user_inputs(&mut tape, &user_ids);
         let p = model.retriever.users(&mut tape, &rv, ti, vi).fused;
-        let j = 1 + eval_negatives[start].len();
-        let mut cand = Vec::with_capacity(s * j);
-        for (i, u) in (start..end).enumerate() {
-            if eval_negatives[u].len() + 1 != j {
-                return Err(EvalError::Inconsistent(format!("user {} has {} sampled negatives, others {}", u + 1, eval_negatives[u].len(), j - 1)));
-            }
-            cand.push(cases[i].1);
-            cand.extend_from_slice(&eval_negatives[u]);
-        }
+        let (cand, j) = sampled_candidates(&cases, eval_negatives, start)?;
         let ss = tape.score_candidates(h, sv.item_table, &cand, j);
         let rs = model.retriever.score(&mut tape, &rv, p, &cand, j);
         let (ss, rs) = (tape.to_host(ss), tape.to_host(rs));
