@@ -102,7 +102,7 @@ pub fn run_ablation<B: Backend>(backend: &B, base: &Config, data: &PreparedData,
             let mut run = RunDir::create(&dir)?;
             run.write("config.toml", cfg.to_toml().as_bytes())?;
             eprintln!("ablation: {} (seed {})", v.name, cfg.seed);
-            let s = train_ur4rec(backend, &cfg, data, &mut run, &RunOptions { quiet: true })?;
+            let s = train_ur4rec(backend, &cfg, data, &mut run, &RunOptions { quiet: true, ..Default::default() })?;
             run.write("summary.json", serde_json::to_string_pretty(&s)?.as_bytes())?;
             eprintln!("  test fused {}", s.test.fused.sampled);
             summaries.push(s);

@@ -104,6 +104,9 @@ pub struct TrainConfig {
     /// A step whose loss or gradient is non-finite is skipped (no optimizer update) and logged; this many
     /// consecutive skipped steps stop the run with an error (see `train::guard`).
     pub max_bad_steps: usize,
+    /// Write the resume checkpoint (`RUN/resume.safetensors`) every this many steps (0: only at epoch and
+    /// stage ends, where it is always written).
+    pub checkpoint_every: usize,
     /// Deterministic mode. On the CPU results never depend on the thread count (fixed row blocks,
     /// fixed-order reductions; tested in `tests/reliability.rs`), so this changes nothing there; on the GPU
     /// it selects the kernels without float atomics, so two runs give bit-identical losses.
@@ -128,7 +131,7 @@ impl Default for TrainConfig {
         TrainConfig { epochs: 20, batch_size: 128, objective: Objective::EveryPosition, negatives: 5, lr: 1e-3,
                       weight_decay: 1e-5, beta1: 0.9, beta2: 0.999, adam_eps: 1e-8, schedule: Schedule::WarmupCosine,
                       warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 1,
-                      max_bad_steps: 10, deterministic: false, inject_nan_at_step: None, inject_nan_from_step: None }
+                      max_bad_steps: 10, checkpoint_every: 500, deterministic: false, inject_nan_at_step: None, inject_nan_from_step: None }
     }
 }
 

@@ -8,6 +8,7 @@ use ur4rec_engine::train::ur4rec_trainer::train_ur4rec;
 use ur4rec_engine::params::ParamBuilder;
 use ur4rec_engine::report::{default_run_dir, RunDir};
 use ur4rec_engine::rng::Rng;
+use ur4rec_engine::train::resume::{ResumeFile, StopReason, Stopped, RESUME_FILE};
 use ur4rec_engine::train::trainer::{train_sasrec, PreparedData, RunOptions};
 
 // Per-step activations are freed and reallocated every step; mimalloc reuses them without the page
@@ -71,6 +72,13 @@ struct TrainArgs {
     /// segments); the CPU backend is always independent of the thread count. Sets train.deterministic.
     #[arg(long)]
     deterministic: bool,
+    /// Continue the run in this directory from its resume checkpoint (resume.safetensors), with the
+    /// configuration recorded there. Only --device, --threads and --quiet may be given with it.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Write a resume checkpoint and stop after this many global steps (continue with --resume).
+    #[arg(long, value_name = "STEPS")]
+    stop_after_steps: Option<usize>,
     /// Configuration overrides, `section.key=value` (e.g. train.lr=5e-4 sasrec.norm=post).
     overrides: Vec<String>,
 }
@@ -268,46 +276,81 @@ impl WithBackend for AblationJob<'_> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let mut cfg = resolve_config(&args.preset, &args.config)?;
-    if let Some(d) = &args.data {
-        cfg.data.source = d.clone();
-    }
-    if let Some(f) = &args.format {
-        cfg.data.format = f.clone();
-    }
-    if let Some(e) = args.epochs {
-        cfg.train.epochs = e;
-    }
-    if let Some(s) = args.seed {
-        cfg.seed = s;
-    }
-    cfg.apply_overrides(&args.overrides).map_err(anyhow::Error::msg)?;
-    if args.deterministic {
-        cfg.train.deterministic = true;
-    }
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
     }
+    // The recorded configuration of a run being resumed, and the metrics length to cut back to.
+    let resumed = match &args.resume {
+        Some(dir) => {
+            let given = [("--preset", args.preset.is_some()), ("--config", args.config.is_some()), ("--data", args.data.is_some()),
+                         ("--format", args.format.is_some()), ("--out", args.out.is_some()), ("--epochs", args.epochs.is_some()),
+                         ("--seed", args.seed.is_some()), ("--deterministic", args.deterministic),
+                         ("overrides", !args.overrides.is_empty())];
+            if let Some((flag, _)) = given.iter().find(|(_, on)| *on) {
+                bail!("--resume continues a run with the configuration recorded in its checkpoint; {flag} cannot be \
+                       given with it");
+            }
+            let file = ResumeFile::open(&dir.join(RESUME_FILE))?;
+            let info = file.info()?;
+            let cfg: Config = toml::from_str(&info.config)
+                .with_context(|| format!("{}: the recorded configuration does not parse", file.path.display()))?;
+            Some((dir.clone(), cfg, info.metrics_bytes))
+        }
+        None => None,
+    };
+    let cfg = match &resumed {
+        Some((_, cfg, _)) => cfg.clone(),
+        None => {
+            let mut cfg = resolve_config(&args.preset, &args.config)?;
+            if let Some(d) = &args.data {
+                cfg.data.source = d.clone();
+            }
+            if let Some(f) = &args.format {
+                cfg.data.format = f.clone();
+            }
+            if let Some(e) = args.epochs {
+                cfg.train.epochs = e;
+            }
+            if let Some(s) = args.seed {
+                cfg.seed = s;
+            }
+            cfg.apply_overrides(&args.overrides).map_err(anyhow::Error::msg)?;
+            if args.deterministic {
+                cfg.train.deterministic = true;
+            }
+            cfg
+        }
+    };
     let device = choose_device(&args.device, cfg.train.deterministic)?;
     let data = PreparedData::from_config(&cfg)?;
-    let out = args.out.clone().unwrap_or_else(|| default_run_dir(&data.dataset.name));
-    let mut run = RunDir::create(&out).with_context(|| format!("creating run directory {}", out.display()))?;
-    run.write("config.toml", cfg.to_toml().as_bytes())?;
-    let manifest = serde_json::json!({
-        "engine": env!("CARGO_PKG_VERSION"),
-        "device": device.name(),
-        "dataset": data.dataset.name,
-        "dataset_fingerprint": data.dataset.fingerprint,
-        "users": data.dataset.num_users,
-        "items": data.dataset.num_items,
-        "eval_negatives": cfg.eval.negatives,
-        "eval_negatives_fingerprint": data.eval_negatives_fingerprint,
-        "seed": cfg.seed,
-    });
-    run.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    let (out, mut run) = match &resumed {
+        Some((dir, _, metrics_bytes)) => {
+            let run = RunDir::reopen(dir, *metrics_bytes).with_context(|| format!("reopening run directory {}", dir.display()))?;
+            (dir.clone(), run)
+        }
+        None => {
+            let out = args.out.clone().unwrap_or_else(|| default_run_dir(&data.dataset.name));
+            let run = RunDir::create(&out).with_context(|| format!("creating run directory {}", out.display()))?;
+            run.write("config.toml", cfg.to_toml().as_bytes())?;
+            let manifest = serde_json::json!({
+                "engine": env!("CARGO_PKG_VERSION"),
+                "device": device.name(),
+                "dataset": data.dataset.name,
+                "dataset_fingerprint": data.dataset.fingerprint,
+                "users": data.dataset.num_users,
+                "items": data.dataset.num_items,
+                "eval_negatives": cfg.eval.negatives,
+                "eval_negatives_fingerprint": data.eval_negatives_fingerprint,
+                "seed": cfg.seed,
+            });
+            run.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+            (out, run)
+        }
+    };
     eprintln!("data {}: {} users, {} items; run directory {}", data.dataset.name, data.dataset.num_users,
               data.dataset.num_items, out.display());
-    let opts = RunOptions { quiet: args.quiet };
+    ur4rec_engine::train::interrupt::install_handler();
+    let opts = RunOptions { quiet: args.quiet, resume: resumed.is_some(), stop_after_steps: args.stop_after_steps };
     device.run(TrainJob { cfg: &cfg, data: &data, run: &mut run, opts: &opts })?;
     println!("run directory: {}", out.display());
     Ok(())
@@ -454,6 +497,11 @@ fn main() {
         Command::Eval(a) => eval(a),
     };
     if let Err(e) = r {
+        // A stop on request (signal, step limit) is not a failure: the run continues with --resume.
+        if let Some(stopped) = e.downcast_ref::<Stopped>() {
+            eprintln!("{stopped}");
+            std::process::exit(if stopped.reason == StopReason::Interrupted { 130 } else { 0 });
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -17,6 +17,28 @@ impl RunDir {
         Ok(RunDir { path: path.to_path_buf(), metrics })
     }
 
+    /// Reopens a run directory to continue it: `metrics.jsonl` is cut back to `metrics_bytes` (its length at the
+    /// resume checkpoint; the resumed run writes the later records again) and appended to.
+    pub fn reopen(path: &Path, metrics_bytes: u64) -> std::io::Result<RunDir> {
+        let file = path.join("metrics.jsonl");
+        let f = std::fs::OpenOptions::new().write(true).open(&file)?;
+        let len = f.metadata()?.len();
+        if len < metrics_bytes {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!(
+                "{}: {len} bytes, but the resume checkpoint was written after {metrics_bytes} bytes of it", file.display())));
+        }
+        f.set_len(metrics_bytes)?;
+        let mut f = f;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))?;
+        Ok(RunDir { path: path.to_path_buf(), metrics: BufWriter::new(f) })
+    }
+
+    /// Flushes `metrics.jsonl` and returns its length (recorded in resume checkpoints).
+    pub fn metrics_bytes(&mut self) -> std::io::Result<u64> {
+        self.metrics.flush()?;
+        Ok(self.metrics.get_ref().metadata()?.len())
+    }
+
     /// Appends one JSON object as a line of `metrics.jsonl`.
     pub fn log<T: Serialize>(&mut self, record: &T) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.metrics, record)?;

@@ -126,7 +126,7 @@ fn a_nan_step_is_skipped_named_logged_and_leaves_the_state_untouched() {
     // A whole SASRec run: it completes, with exactly one nonfinite record naming the tensor and the step.
     let dir = temp_dir("sasrec-one-nan");
     let mut run = RunDir::create(&dir).unwrap();
-    let s = train_sasrec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true }).unwrap();
+    let s = train_sasrec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).unwrap();
     assert!(s.test.sampled.hit10.is_finite());
     let bad = records(&dir, "nonfinite");
     assert_eq!(bad.len(), 1, "{bad:?}");
@@ -160,7 +160,7 @@ fn a_nan_step_is_skipped_named_logged_and_leaves_the_state_untouched() {
     }
     let dir = temp_dir("ur4rec-one-nan");
     let mut run = RunDir::create(&dir).unwrap();
-    train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true }).unwrap();
+    train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).unwrap();
     let bad = records(&dir, "nonfinite");
     assert_eq!(bad.len(), 1, "{bad:?}");
     assert_eq!((bad[0]["tensor"].as_str(), bad[0]["stage"].as_u64(), bad[0]["step"].as_u64()),
@@ -180,7 +180,7 @@ fn consecutive_nan_steps_stop_the_run_and_the_best_checkpoint_still_loads() {
     let data = sasrec_data(&cfg, 100);
     let dir = temp_dir("sasrec-diverged");
     let mut run = RunDir::create(&dir).unwrap();
-    let e = train_sasrec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true }).expect_err("the run must stop");
+    let e = train_sasrec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).expect_err("the run must stop");
     let msg = format!("{e:#}");
     assert!(msg.contains("max_bad_steps") && msg.contains("step 9") && msg.contains("sasrec"), "{msg}");
     let bad = records(&dir, "nonfinite");
@@ -201,7 +201,7 @@ fn consecutive_nan_steps_stop_the_run_and_the_best_checkpoint_still_loads() {
     let data = ur4rec_data(&cfg, 40);
     let dir = temp_dir("ur4rec-diverged");
     let mut run = RunDir::create(&dir).unwrap();
-    let e = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true }).expect_err("the run must stop");
+    let e = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).expect_err("the run must stop");
     assert!(format!("{e:#}").contains("max_bad_steps"), "{e:#}");
     assert!(records(&dir, "nonfinite").iter().all(|r| r["stage"] == 2 && r["tensor"] == "retrieval"));
     for st in [1, 2] {

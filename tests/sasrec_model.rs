@@ -130,7 +130,7 @@ fn short_training_run_beats_chance_on_synthetic_data() {
     let prepared = PreparedData::from_dataset(ds, &cfg).unwrap();
     let dir = std::env::temp_dir().join(format!("ur4rec-e2e-{}", std::process::id()));
     let mut run = RunDir::create(&dir).unwrap();
-    let s = train_sasrec(&be, &cfg, &prepared, &mut run, &RunOptions { quiet: true }).unwrap();
+    let s = train_sasrec(&be, &cfg, &prepared, &mut run, &RunOptions { quiet: true, ..Default::default() }).unwrap();
     assert!(s.test.sampled.hit10 > 2.0 * s.chance_hit10_sampled, "Hit@10 {} vs chance {}", s.test.sampled.hit10, s.chance_hit10_sampled);
     let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     assert!(lines.lines().any(|l| l.contains("\"split\":\"test\"")), "metrics.jsonl lacks the test record");

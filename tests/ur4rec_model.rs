@@ -98,7 +98,7 @@ fn four_stages_with_every_improvement_run_and_log_their_events() {
     let data = tiny_data(&cfg);
     let dir = std::env::temp_dir().join(format!("ur4rec-four-stages-{}", std::process::id()));
     let mut run = RunDir::create(&dir).unwrap();
-    let s = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true }).unwrap();
+    let s = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).unwrap();
     assert_eq!(s.stages.iter().map(|s| s.stage).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     for m in [&s.test.fused.sampled, &s.test.sasrec.sampled, &s.test.retriever.sampled] {
         assert!(m.hit10.is_finite() && m.users == 40);
@@ -112,6 +112,6 @@ fn four_stages_with_every_improvement_run_and_log_their_events() {
     }
     // An unfreezing prefix that matches no parameter is refused up front.
     cfg.ur4rec.unfreeze = vec!["0:sasrec.attention".into()];
-    let e = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true }).err().unwrap();
+    let e = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).err().unwrap();
     assert!(format!("{e:#}").contains("sasrec.attention"), "{e:#}");
 }

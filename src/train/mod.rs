@@ -7,3 +7,5 @@ pub mod guard;
 pub mod trainer;
 pub mod ur4rec_trainer;
 pub mod strategies;
+pub mod resume;
+pub mod interrupt;

@@ -18,7 +18,8 @@ use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use crate::train::resume::{Checkpointer, ResumeWriter};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -201,9 +202,63 @@ pub(crate) fn say(bar: &indicatif::ProgressBar, msg: String) {
 pub struct RunOptions {
     /// No progress bar (tests, benchmarks).
     pub quiet: bool,
+    /// Continue from the run directory's resume checkpoint (`RUN/resume.safetensors`); the caller has
+    /// reopened the run directory with [`RunDir::reopen`].
+    pub resume: bool,
+    /// Write a resume checkpoint and stop (with [`crate::train::resume::Stopped`]) once this many global
+    /// steps are done — a time budget for a job, and how the resume tests split a run.
+    pub stop_after_steps: Option<usize>,
 }
 
-/// Trains SASRec as configured and writes the run directory.
+/// Where a SASRec run is (with the resume checkpoint's tensors, the whole state of the run).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SasRecProgress {
+    /// The epoch in progress (1-based; 0 before the first).
+    epoch: usize,
+    /// Batches of `epoch` done.
+    next_chunk: usize,
+    /// `epoch` is trained (and evaluated, when due).
+    epoch_done: bool,
+    /// Early stopping ended the run.
+    stopped_early: bool,
+    step: usize,
+    since_best: usize,
+    best: Option<(usize, Metrics)>,
+    /// The epoch's loss sum and count, sequences and tokens (for its log line).
+    loss_sum: f64,
+    loss_n: usize,
+    ep_seqs: usize,
+    ep_tokens: usize,
+    /// Seconds of the epoch in progress and of training so far, in earlier processes.
+    ep_seconds: f64,
+    train_seconds: f64,
+    wall_seconds: f64,
+    seqs_done: usize,
+    tokens_done: usize,
+    rng: Rng,
+    guard_consecutive: usize,
+    guard_total: usize,
+}
+
+/// Writes the resume checkpoint of a SASRec run.
+#[allow(clippy::too_many_arguments)]
+fn save_resume<B: Backend>(ck: &mut Checkpointer, backend: &B, store: &ParamStore<B>, opt: &AdamW, order: &[usize],
+                           p: &SasRecProgress, guard: &StepGuard, epoch_clock: &Instant, wall: &Instant) -> Result<()> {
+    guard::check_weights(backend, store, &ck.path())?;
+    let mut w = ResumeWriter::new();
+    w.params(backend, store, opt);
+    w.u32("order", &order.iter().map(|&u| u as u32).collect::<Vec<_>>());
+    let mut state = p.clone();
+    (state.guard_consecutive, state.guard_total) = (guard.consecutive, guard.total);
+    if !p.epoch_done {
+        state.ep_seconds += epoch_clock.elapsed().as_secs_f64();
+    }
+    state.wall_seconds += wall.elapsed().as_secs_f64();
+    ck.write(w, p.step, state)
+}
+
+/// Trains SASRec as configured and writes the run directory. Writes a resume checkpoint every
+/// `train.checkpoint_every` steps and at every epoch end; with `opts.resume` continues from it.
 pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, run: &mut RunDir, opts: &RunOptions)
                                 -> Result<TrainSummary> {
     let wall = Instant::now();
@@ -213,87 +268,112 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
     let model = SasRec::new(&mut builder, &cfg.sasrec, data.dataset.num_items, &mut init_rng);
     let mut store = builder.build(backend);
     let mut opt = AdamW::new(store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
-    let mut rng = Rng::derive(cfg.seed, "train");
     let users = data.split.train.len();
     let bs = t.batch_size.max(1);
     let steps_per_epoch = users.div_ceil(bs);
     let total_steps = steps_per_epoch * t.epochs;
     let best_path = run.file("best.safetensors");
-    let mut best: Option<(usize, Metrics)> = None;
-    let mut since_best = 0usize;
-    let mut step = 0usize;
-    let (mut train_secs, mut seqs_done, mut tokens_done) = (0.0f64, 0usize, 0usize);
-    let mut epochs_run = 0;
     let mut guard = StepGuard::new(t.max_bad_steps);
+    let mut order: Vec<usize> = (0..users).collect();
+    let mut p = SasRecProgress {
+        epoch: 0, next_chunk: 0, epoch_done: true, stopped_early: false, step: 0, since_best: 0, best: None, loss_sum: 0.0,
+        loss_n: 0, ep_seqs: 0, ep_tokens: 0, ep_seconds: 0.0, train_seconds: 0.0, wall_seconds: 0.0, seqs_done: 0,
+        tokens_done: 0, rng: Rng::derive(cfg.seed, "train"), guard_consecutive: 0, guard_total: 0,
+    };
+    let mut ck = Checkpointer::new(run, "sasrec", cfg, data, opts);
+    if opts.resume {
+        let file = ck.open_for_resume()?;
+        p = file.header::<SasRecProgress>()?.state;
+        file.restore_params(backend, &mut store, &mut opt)?;
+        order = file.permutation("order", users)?;
+        (guard.consecutive, guard.total) = (p.guard_consecutive, p.guard_total);
+        eprintln!("resuming {} at epoch {}, step {}", ck.run.path.display(), p.epoch, p.step);
+    }
     let bar = if opts.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps as u64) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-    let mut order: Vec<usize> = (0..users).collect();
-    for epoch in 1..=t.epochs {
-        epochs_run = epoch;
-        rng.shuffle(&mut order);
-        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
-        let epoch_start = Instant::now();
-        let (mut ep_seqs, mut ep_tokens) = (0usize, 0usize);
-        for chunk in order.chunks(bs) {
-            let lr = t.lr * lr_factor(t.schedule, step, total_steps, t.warmup_steps);
-            let Some(o) = sasrec_step(backend, cfg, &model, &mut store, &mut opt, data, chunk, &mut rng, step, lr)
+    bar.set_position(p.step as u64);
+    loop {
+        if p.epoch_done {
+            if p.stopped_early || p.epoch >= t.epochs {
+                break;
+            }
+            p.epoch += 1;
+            p.rng.shuffle(&mut order);
+            (p.next_chunk, p.loss_sum, p.loss_n, p.ep_seqs, p.ep_tokens, p.ep_seconds, p.epoch_done) =
+                (0, 0.0, 0, 0, 0, 0.0, false);
+        }
+        let epoch = p.epoch;
+        let epoch_clock = Instant::now();
+        while p.next_chunk * bs < users {
+            let chunk = &order[p.next_chunk * bs..((p.next_chunk + 1) * bs).min(users)];
+            p.next_chunk += 1;
+            let lr = t.lr * lr_factor(t.schedule, p.step, total_steps, t.warmup_steps);
+            let Some(o) = sasrec_step(backend, cfg, &model, &mut store, &mut opt, data, chunk, &mut p.rng, p.step, lr)
                 .with_context(|| format!("epoch {epoch}"))? else { continue };
             if let Some(what) = &o.skipped {
                 // The batch is consumed and the schedule moves on; only the update is dropped.
-                guard.bad(run, None, epoch, step, what).inspect_err(|_| bar.finish_and_clear())?;
-                step += 1;
-                bar.inc(1);
-                continue;
+                guard.bad(ck.run, None, epoch, p.step, what).inspect_err(|_| bar.finish_and_clear())?;
+            } else {
+                guard.good();
+                let (loss, grad_norm) = (o.loss, o.grad_norm);
+                p.loss_sum += loss as f64;
+                p.loss_n += 1;
+                p.ep_seqs += o.sequences;
+                p.ep_tokens += o.tokens;
+                if t.log_every > 0 && p.step.is_multiple_of(t.log_every) {
+                    ck.run.log(&StepRecord { kind: "step", epoch, step: p.step, loss, lr, grad_norm })?;
+                }
+                let secs = p.ep_seconds + epoch_clock.elapsed().as_secs_f64();
+                bar.set_message(format!("epoch {epoch} loss {:.4}  {:.0} seq/s", p.loss_sum / p.loss_n as f64,
+                                        p.ep_seqs as f64 / secs.max(1e-9)));
             }
-            guard.good();
-            let (loss, grad_norm) = (o.loss, o.grad_norm);
-            loss_sum += loss as f64;
-            loss_n += 1;
-            ep_seqs += o.sequences;
-            ep_tokens += o.tokens;
-            if t.log_every > 0 && step.is_multiple_of(t.log_every) {
-                run.log(&StepRecord { kind: "step", epoch, step, loss, lr, grad_norm })?;
-            }
-            step += 1;
+            p.step += 1;
             bar.inc(1);
-            let secs = epoch_start.elapsed().as_secs_f64();
-            bar.set_message(format!("epoch {epoch} loss {:.4}  {:.0} seq/s", loss_sum / loss_n as f64, ep_seqs as f64 / secs.max(1e-9)));
-        }
-        let secs = epoch_start.elapsed().as_secs_f64();
-        train_secs += secs;
-        seqs_done += ep_seqs;
-        tokens_done += ep_tokens;
-        let evaluate_now = t.eval_every > 0 && (epoch % t.eval_every == 0 || epoch == t.epochs);
-        if !evaluate_now {
-            continue;
-        }
-        let valid = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, None)?;
-        run.log(&EvalRecord { kind: "eval", epoch, step, split: "valid", sampled: &valid.sampled, full: &valid.full,
-                              train_loss: loss_sum / loss_n.max(1) as f64, sequences_per_s: ep_seqs as f64 / secs,
-                              tokens_per_s: ep_tokens as f64 / secs })?;
-        run.flush()?;
-        say(&bar, format!("epoch {epoch:>4}  loss {:.4}  valid {}", loss_sum / loss_n.max(1) as f64, valid.sampled));
-        let improved = best.as_ref().is_none_or(|(_, m)| valid.sampled.ndcg10 > m.ndcg10);
-        if improved {
-            best = Some((epoch, valid.sampled.clone()));
-            since_best = 0;
-            let meta = HashMap::from([("epoch".to_string(), epoch.to_string()), ("step".to_string(), step.to_string())]);
-            guard::check_weights(backend, &store, &best_path)?;
-            checkpoint::save_params(backend, &store, &best_path, meta)?;
-        } else {
-            since_best += 1;
-            if t.patience > 0 && since_best >= t.patience {
-                say(&bar, format!("early stop: no better validation NDCG@10 for {since_best} evaluations"));
-                break;
+            if ck.due_after_step(p.step) {
+                save_resume(&mut ck, backend, &store, &opt, &order, &p, &guard, &epoch_clock, &wall)?;
+                ck.stop_if_asked(p.step, true).inspect_err(|_| bar.finish_and_clear())?;
             }
         }
+        let secs = p.ep_seconds + epoch_clock.elapsed().as_secs_f64();
+        p.train_seconds += secs;
+        p.seqs_done += p.ep_seqs;
+        p.tokens_done += p.ep_tokens;
+        p.epoch_done = true;
+        let evaluate_now = t.eval_every > 0 && (epoch % t.eval_every == 0 || epoch == t.epochs);
+        if evaluate_now {
+            let valid = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, None)?;
+            let train_loss = p.loss_sum / p.loss_n.max(1) as f64;
+            ck.run.log(&EvalRecord { kind: "eval", epoch, step: p.step, split: "valid", sampled: &valid.sampled, full: &valid.full,
+                                     train_loss, sequences_per_s: p.ep_seqs as f64 / secs, tokens_per_s: p.ep_tokens as f64 / secs })?;
+            ck.run.flush()?;
+            say(&bar, format!("epoch {epoch:>4}  loss {train_loss:.4}  valid {}", valid.sampled));
+            if p.best.as_ref().is_none_or(|(_, m)| valid.sampled.ndcg10 > m.ndcg10) {
+                p.best = Some((epoch, valid.sampled.clone()));
+                p.since_best = 0;
+                let meta = HashMap::from([("epoch".to_string(), epoch.to_string()), ("step".to_string(), p.step.to_string())]);
+                guard::check_weights(backend, &store, &best_path)?;
+                checkpoint::save_params(backend, &store, &best_path, meta)?;
+            } else {
+                p.since_best += 1;
+                if t.patience > 0 && p.since_best >= t.patience {
+                    say(&bar, format!("early stop: no better validation NDCG@10 for {} evaluations", p.since_best));
+                    p.stopped_early = true;
+                }
+            }
+        }
+        save_resume(&mut ck, backend, &store, &opt, &order, &p, &guard, &epoch_clock, &wall)?;
+        ck.stop_if_asked(p.step, false).inspect_err(|_| bar.finish_and_clear())?;
     }
     bar.finish_and_clear();
-    let (best_epoch, best_valid) = best.context("no validation was run (train.eval_every = 0?)")?;
-    checkpoint::load_params(backend, &mut store, &best_path)?;
+    let run = ck.run;
+    let (best_epoch, best_valid) = p.best.clone().context("no validation was run (train.eval_every = 0?)")?;
+    let meta = checkpoint::load_params(backend, &mut store, &best_path)?;
+    if meta.get("epoch") != Some(&best_epoch.to_string()) {
+        bail!("{}: holds epoch {:?}, but the run selected epoch {best_epoch}", best_path.display(), meta.get("epoch"));
+    }
     let test = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, None)?;
-    run.log(&EvalRecord { kind: "eval", epoch: best_epoch, step, split: "test", sampled: &test.sampled, full: &test.full,
+    run.log(&EvalRecord { kind: "eval", epoch: best_epoch, step: p.step, split: "test", sampled: &test.sampled, full: &test.full,
                           train_loss: f64::NAN, sequences_per_s: 0.0, tokens_per_s: 0.0 })?;
     run.flush()?;
     Ok(TrainSummary {
@@ -301,15 +381,14 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         users: data.dataset.num_users,
         items: data.dataset.num_items,
         parameters: store.len(),
-        epochs_run,
+        epochs_run: p.epoch,
         best_epoch,
         best_valid,
         test,
         chance_hit10_sampled: data.sampled_chance_hit10(cfg.eval.negatives),
-        train_seconds: train_secs,
-        sequences_per_s: seqs_done as f64 / train_secs.max(1e-9),
-        tokens_per_s: tokens_done as f64 / train_secs.max(1e-9),
-        wall_seconds: wall.elapsed().as_secs_f64(),
+        train_seconds: p.train_seconds,
+        sequences_per_s: p.seqs_done as f64 / p.train_seconds.max(1e-9),
+        tokens_per_s: p.tokens_done as f64 / p.train_seconds.max(1e-9),
+        wall_seconds: p.wall_seconds + wall.elapsed().as_secs_f64(),
     })
 }
-

@@ -21,9 +21,10 @@ use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
 use crate::train::strategies::{AdaptiveAlternation, Alternation, LossWeights, MemoryBank, Module, ParityAlternation,
                                UnfreezeSchedule, Weights};
+use crate::train::resume::{BankMeta, Checkpointer, ResumeFile, ResumeWriter};
 use crate::train::trainer::{say, PreparedData, RunOptions};
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
@@ -86,7 +87,7 @@ struct EvalRecord<'a> {
     train_loss: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StageSummary {
     pub stage: usize,
     pub epochs_run: usize,
@@ -378,7 +379,111 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 }
 
-/// Trains the four UR4Rec stages and evaluates on the test split.
+/// Where a UR4Rec run is and what it has decided so far. With the tensors of the resume checkpoint
+/// (weights, moments, the epoch's user order, memory banks) this is the whole state of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Ur4RecProgress {
+    /// The stage in progress (1..=4); 5 once every stage is done.
+    stage: usize,
+    /// The stage's set-up (trainable groups, starting-point evaluation) is done.
+    stage_begun: bool,
+    /// The epoch in progress within the stage (1-based; 0 before the first).
+    epoch: usize,
+    /// Batches of `epoch` done.
+    next_chunk: usize,
+    /// `epoch` is trained, evaluated and compared with the best.
+    epoch_done: bool,
+    /// Early stopping ended the stage.
+    stage_stopped: bool,
+    step: usize,
+    stage_step: usize,
+    since_best: usize,
+    switches: usize,
+    /// The epoch's training-loss sum and count (its mean is logged with the evaluation).
+    loss_sum: f64,
+    loss_n: usize,
+    /// Wall time of the stage and of the run in earlier processes (a resumed run adds its own).
+    stage_seconds: f64,
+    wall_seconds: f64,
+    /// SASRec's fusion weight (calibrated at each stage end).
+    alpha: f32,
+    best: Option<BestSoFar>,
+    stages: Vec<StageSummary>,
+    alternation: Alternation,
+    unfreeze: UnfreezeSchedule,
+    rng: Rng,
+    guard_consecutive: usize,
+    guard_total: usize,
+    /// Scalars of the live memory banks and of the banks saved with the stage's best weights.
+    banks: Option<(BankMeta, BankMeta)>,
+    best_banks: Option<(BankMeta, BankMeta)>,
+}
+
+/// The stage's best validation so far (its weights are `RUN/stageN_best.safetensors`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct BestSoFar {
+    epoch: usize,
+    selection: f64,
+    valid: Ur4RecEval,
+}
+
+fn new_alternation(kind: AlternationKind) -> Alternation {
+    match kind {
+        AlternationKind::Parity => Alternation::Parity(ParityAlternation),
+        AlternationKind::Adaptive => Alternation::Adaptive(AdaptiveAlternation::default()),
+        AlternationKind::AdaptiveFaithful => Alternation::Adaptive(AdaptiveAlternation::faithful(0.01, 10)),
+    }
+}
+
+/// Writes the resume checkpoint: the trainer's tensors, the epoch's order, the banks and the progress record.
+fn save_resume<B: Backend>(ck: &mut Checkpointer, tr: &Trainer<'_, B>, order: &[usize],
+                           best_banks: &Option<(MemoryBank, MemoryBank)>, p: &mut Ur4RecProgress, guard: &StepGuard,
+                           stage_clock: &Instant, wall: &Instant) -> Result<()> {
+    guard::check_weights(tr.backend, &tr.store, &ck.path())?;
+    let mut w = ResumeWriter::new();
+    w.params(tr.backend, &tr.store, &tr.opt);
+    w.u32("order", &order.iter().map(|&u| u as u32).collect::<Vec<_>>());
+    p.banks = tr.banks.as_ref().map(|(t, v)| (w.bank("bank/text", t), w.bank("bank/visual", v)));
+    p.best_banks = best_banks.as_ref().map(|(t, v)| (w.bank("best_bank/text", t), w.bank("best_bank/visual", v)));
+    p.rng = tr.rng.clone();
+    p.unfreeze = tr.unfreeze.clone();
+    (p.guard_consecutive, p.guard_total) = (guard.consecutive, guard.total);
+    let mut state = p.clone();
+    state.stage_seconds += stage_clock.elapsed().as_secs_f64();
+    state.wall_seconds += wall.elapsed().as_secs_f64();
+    ck.write(w, p.step, state)
+}
+
+impl<B: Backend> Trainer<'_, B> {
+    /// Restores what a resume checkpoint holds beyond the progress record: weights, moments, trainable flags,
+    /// RNG, unfreezing position and the live memory banks; returns the banks saved with the stage's best.
+    fn restore(&mut self, file: &ResumeFile, p: &Ur4RecProgress) -> Result<Option<(MemoryBank, MemoryBank)>> {
+        file.restore_params(self.backend, &mut self.store, &mut self.opt)?;
+        self.rng = p.rng.clone();
+        if p.unfreeze.events != self.unfreeze.events {
+            bail!("{}: the recorded unfreezing schedule differs from the configuration's", file.path.display());
+        }
+        self.unfreeze = p.unfreeze.clone();
+        let (dim, users, has_bank) = (self.cfg.ur4rec.retriever.dim, self.data.dataset.num_users, self.banks.is_some());
+        // The live banks exist exactly when the model has them; the best-so-far copy only after a selection.
+        let read = |meta: &Option<(BankMeta, BankMeta)>, prefix: &str, live: bool| -> Result<Option<(MemoryBank, MemoryBank)>> {
+            match (meta, has_bank) {
+                (Some((t, v)), true) => Ok(Some((file.bank(&format!("{prefix}/text"), t, dim, users)?,
+                                                 file.bank(&format!("{prefix}/visual"), v, dim, users)?))),
+                (None, false) => Ok(None),
+                (None, true) if !live => Ok(None),
+                (m, _) => bail!("{}: memory bank {prefix:?} {} in the checkpoint but {} in this model", file.path.display(),
+                                if m.is_some() { "present" } else { "absent" }, if m.is_some() { "absent" } else { "present" }),
+            }
+        };
+        self.banks = read(&p.banks, "bank", true)?;
+        read(&p.best_banks, "best_bank", false)
+    }
+}
+
+/// Trains the four UR4Rec stages and evaluates on the test split. Writes a resume checkpoint
+/// (`RUN/resume.safetensors`) every `train.checkpoint_every` steps and at every epoch and stage end;
+/// with `opts.resume` continues from it, repeating the straight run bit for bit on the CPU.
 pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, run: &mut RunDir, opts: &RunOptions)
                                 -> Result<Ur4RecSummary> {
     let wall = Instant::now();
@@ -388,62 +493,91 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
     let bs = cfg.train.batch_size.max(1);
     let steps_per_epoch = tr.steps_per_epoch;
     let total_steps: usize = u.stage_epochs.iter().map(|e| e * steps_per_epoch).sum();
+    let mut order: Vec<usize> = (0..users).collect();
+    let mut guard = StepGuard::new(cfg.train.max_bad_steps);
+    let mut best_banks: Option<(MemoryBank, MemoryBank)> = None;
+    let mut p = Ur4RecProgress {
+        stage: 1, stage_begun: false, epoch: 0, next_chunk: 0, epoch_done: true, stage_stopped: false, step: 0,
+        stage_step: 0, since_best: 0, switches: 0, loss_sum: 0.0, loss_n: 0, stage_seconds: 0.0, wall_seconds: 0.0,
+        alpha: u.fusion_alpha, best: None, stages: Vec::new(), alternation: new_alternation(u.alternation),
+        unfreeze: tr.unfreeze.clone(), rng: tr.rng.clone(), guard_consecutive: 0, guard_total: 0, banks: None,
+        best_banks: None,
+    };
+    let mut rs = Checkpointer::new(run, "ur4rec", cfg, data, opts);
+    if opts.resume {
+        let file = rs.open_for_resume()?;
+        p = file.header::<Ur4RecProgress>()?.state;
+        if !(1..=5).contains(&p.stage) {
+            bail!("{}: stage {} in the header (expected 1 to 5)", file.path.display(), p.stage);
+        }
+        best_banks = tr.restore(&file, &p)?;
+        order = file.permutation("order", users)?;
+        tr.step = p.step;
+        (guard.consecutive, guard.total) = (p.guard_consecutive, p.guard_total);
+        eprintln!("resuming {} at stage {}, epoch {}, step {}", rs.run.path.display(), p.stage, p.epoch, p.step);
+    }
     let bar = if opts.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps as u64) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-    let mut order: Vec<usize> = (0..users).collect();
-    let mut stages = Vec::new();
-    let mut alpha = u.fusion_alpha;
-    let mut guard = StepGuard::new(cfg.train.max_bad_steps);
+    bar.set_position(p.step as u64);
     let sweep: &[f32] = if u.calibrate_fusion { &ALPHA_GRID } else { &[] };
-    for stage in 1..=4 {
+    while p.stage <= 4 {
+        let stage = p.stage;
         let epochs = u.stage_epochs[stage - 1];
         if epochs == 0 {
+            p.stage += 1;
             continue;
         }
-        let stage_start = Instant::now();
+        let stage_clock = Instant::now();
         let stage_steps = epochs * steps_per_epoch;
-        let mut alternation = match u.alternation {
-            AlternationKind::Parity => Alternation::Parity(ParityAlternation),
-            AlternationKind::Adaptive => Alternation::Adaptive(AdaptiveAlternation::default()),
-            AlternationKind::AdaptiveFaithful => Alternation::Adaptive(AdaptiveAlternation::faithful(0.01, 10)),
-        };
-        tr.set_stage_trainable(stage, alternation.active(0));
         let progressive = stage == 4 && !tr.unfreeze.is_empty();
-        if progressive {
-            for g in 0..tr.store.groups.len() {
-                tr.store.set_group_trainable(g, false);
+        let ckpt = rs.run.file(&format!("stage{stage}_best.safetensors"));
+        if !p.stage_begun {
+            p.alternation = new_alternation(u.alternation);
+            tr.set_stage_trainable(stage, p.alternation.active(0));
+            if progressive {
+                for g in 0..tr.store.groups.len() {
+                    tr.store.set_group_trainable(g, false);
+                }
             }
+            p.best = None;
+            best_banks = None;
+            if u.keep_start_if_better && stage > 1 {
+                let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, p.alpha, sweep, None)?;
+                let sel = selection(cfg, stage, &e);
+                rs.run.log(&EvalRecord { kind: "eval", stage, epoch: 0, step: tr.step, split: "valid", eval: &e, selection: sel, train_loss: f64::NAN })?;
+                guard::check_weights(backend, &tr.store, &ckpt)?;
+                checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), "0".into())]))?;
+                p.best = Some(BestSoFar { epoch: 0, selection: sel, valid: e });
+                best_banks = tr.banks.clone();
+            }
+            (p.stage_begun, p.epoch, p.epoch_done, p.stage_stopped) = (true, 0, true, false);
+            (p.since_best, p.switches, p.stage_step, p.stage_seconds) = (0, 0, 0, 0.0);
         }
-        let ckpt = run.file(&format!("stage{stage}_best.safetensors"));
-        let mut best: Option<(usize, f64, Ur4RecEval, Option<(MemoryBank, MemoryBank)>)> = None;
-        if u.keep_start_if_better && stage > 1 {
-            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep, None)?;
-            let sel = selection(cfg, stage, &e);
-            run.log(&EvalRecord { kind: "eval", stage, epoch: 0, step: tr.step, split: "valid", eval: &e, selection: sel, train_loss: f64::NAN })?;
-            guard::check_weights(backend, &tr.store, &ckpt)?;
-            checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), "0".into())]))?;
-            best = Some((0, sel, e, tr.banks.clone()));
-        }
-        let mut since_best = 0;
-        let mut epochs_run = 0;
-        let mut switches = 0;
-        let mut stage_step = 0usize;
-        for epoch in 1..=epochs {
-            epochs_run = epoch;
-            tr.rng.shuffle(&mut order);
-            let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
-            for chunk in order.chunks(bs) {
-                let active = alternation.active(stage_step);
+        loop {
+            if p.epoch_done {
+                if p.stage_stopped || p.epoch == epochs {
+                    break;
+                }
+                p.epoch += 1;
+                tr.rng.shuffle(&mut order);
+                (p.next_chunk, p.loss_sum, p.loss_n, p.epoch_done) = (0, 0.0, 0, false);
+            }
+            let epoch = p.epoch;
+            while p.next_chunk * bs < users {
+                let chunk = &order[p.next_chunk * bs..((p.next_chunk + 1) * bs).min(users)];
+                p.next_chunk += 1;
+                let stage_step = p.stage_step;
+                let active = p.alternation.active(stage_step);
                 if stage == 3 {
                     tr.set_stage_trainable(3, active);
                 }
                 if progressive {
                     for ev in tr.unfreeze.due(stage_step) {
-                        for p in &ev.prefixes {
-                            tr.store.set_prefix_trainable(p, true);
+                        for prefix in &ev.prefixes {
+                            tr.store.set_prefix_trainable(prefix, true);
                         }
-                        run.log(&serde_json::json!({"kind": "unfreeze", "stage": stage, "step": tr.step, "stage_step": stage_step, "prefixes": ev.prefixes}))?;
+                        rs.run.log(&serde_json::json!({"kind": "unfreeze", "stage": stage, "step": tr.step, "stage_step": stage_step, "prefixes": ev.prefixes}))?;
                     }
                 }
                 let lrs = tr.group_lrs(stage, stage_step, stage_steps);
@@ -451,65 +585,82 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                 if let Some(what) = &skipped {
                     // The batch is consumed and the schedule moves on; the update, the enqueue and the
                     // alternation's loss record are dropped.
-                    guard.bad(run, Some(stage), epoch, tr.step, what).inspect_err(|_| bar.finish_and_clear())?;
-                    tr.step += 1;
-                    stage_step += 1;
-                    bar.inc(1);
-                    continue;
-                }
-                guard.good();
-                if stage == 3 {
-                    if let Some(ev) = alternation.record(stage_step, l.sasrec, l.retrieval) {
-                        switches += 1;
-                        run.log(&serde_json::json!({"kind": "switch", "stage": stage, "step": tr.step, "stage_step": stage_step,
-                                                    "from": ev.from.name(), "to": ev.to.name(), "change": ev.change}))?;
+                    guard.bad(rs.run, Some(stage), epoch, tr.step, what).inspect_err(|_| bar.finish_and_clear())?;
+                } else {
+                    guard.good();
+                    if stage == 3 {
+                        if let Some(ev) = p.alternation.record(stage_step, l.sasrec, l.retrieval) {
+                            p.switches += 1;
+                            rs.run.log(&serde_json::json!({"kind": "switch", "stage": stage, "step": tr.step, "stage_step": stage_step,
+                                                           "from": ev.from.name(), "to": ev.to.name(), "change": ev.change}))?;
+                        }
                     }
+                    if cfg.train.log_every > 0 && tr.step % cfg.train.log_every == 0 {
+                        let lr = tr.store.groups.iter().zip(&lrs).map(|(g, &l)| (g.name.clone(), l)).collect();
+                        let w = tr.weights.at(tr.step);
+                        rs.run.log(&StepRecord { kind: "step", stage, epoch, step: tr.step, stage_step, losses: &l, weights: &w, lr,
+                                                 active: if stage == 3 { active.name() } else { "all" }, grad_norm })?;
+                    }
+                    p.loss_sum += l.total as f64;
+                    p.loss_n += 1;
+                    bar.set_message(format!("stage {stage} epoch {epoch} loss {:.4}", p.loss_sum / p.loss_n as f64));
                 }
-                if cfg.train.log_every > 0 && tr.step % cfg.train.log_every == 0 {
-                    let lr = tr.store.groups.iter().zip(&lrs).map(|(g, &l)| (g.name.clone(), l)).collect();
-                    let w = tr.weights.at(tr.step);
-                    run.log(&StepRecord { kind: "step", stage, epoch, step: tr.step, stage_step, losses: &l, weights: &w, lr,
-                                          active: if stage == 3 { active.name() } else { "all" }, grad_norm })?;
-                }
-                loss_sum += l.total as f64;
-                loss_n += 1;
                 tr.step += 1;
-                stage_step += 1;
+                p.step = tr.step;
+                p.stage_step += 1;
                 bar.inc(1);
-                bar.set_message(format!("stage {stage} epoch {epoch} loss {:.4}", loss_sum / loss_n as f64));
+                if rs.due_after_step(p.step) {
+                    save_resume(&mut rs, &tr, &order, &best_banks, &mut p, &guard, &stage_clock, &wall)?;
+                    rs.stop_if_asked(p.step, true).inspect_err(|_| bar.finish_and_clear())?;
+                }
             }
-            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, alpha, sweep, None)?;
+            let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, p.alpha, sweep, None)?;
             let sel = selection(cfg, stage, &e);
-            run.log(&EvalRecord { kind: "eval", stage, epoch, step: tr.step, split: "valid", eval: &e, selection: sel,
-                                  train_loss: loss_sum / loss_n.max(1) as f64 })?;
-            run.flush()?;
-            say(&bar, format!("stage {stage} epoch {epoch:>3}  loss {:.4}  valid NDCG@10 fused {:.4} sasrec {:.4} retriever {:.4}",
-                              loss_sum / loss_n.max(1) as f64, e.fused.sampled.ndcg10, e.sasrec.sampled.ndcg10, e.retriever.sampled.ndcg10));
-            if best.as_ref().is_none_or(|b| sel > b.1) {
+            let train_loss = p.loss_sum / p.loss_n.max(1) as f64;
+            rs.run.log(&EvalRecord { kind: "eval", stage, epoch, step: tr.step, split: "valid", eval: &e, selection: sel, train_loss })?;
+            rs.run.flush()?;
+            say(&bar, format!("stage {stage} epoch {epoch:>3}  loss {train_loss:.4}  valid NDCG@10 fused {:.4} sasrec {:.4} retriever {:.4}",
+                              e.fused.sampled.ndcg10, e.sasrec.sampled.ndcg10, e.retriever.sampled.ndcg10));
+            if p.best.as_ref().is_none_or(|b| sel > b.selection) {
                 guard::check_weights(backend, &tr.store, &ckpt)?;
                 checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), epoch.to_string())]))?;
-                best = Some((epoch, sel, e, tr.banks.clone()));
-                since_best = 0;
+                p.best = Some(BestSoFar { epoch, selection: sel, valid: e });
+                best_banks = tr.banks.clone();
+                p.since_best = 0;
             } else {
-                since_best += 1;
-                if cfg.train.patience > 0 && since_best >= cfg.train.patience {
-                    say(&bar, format!("stage {stage}: early stop after {since_best} epochs without improvement"));
-                    break;
+                p.since_best += 1;
+                if cfg.train.patience > 0 && p.since_best >= cfg.train.patience {
+                    say(&bar, format!("stage {stage}: early stop after {} epochs without improvement", p.since_best));
+                    p.stage_stopped = true;
                 }
             }
+            p.epoch_done = true;
+            save_resume(&mut rs, &tr, &order, &best_banks, &mut p, &guard, &stage_clock, &wall)?;
+            rs.stop_if_asked(p.step, false).inspect_err(|_| bar.finish_and_clear())?;
         }
-        let (best_epoch, sel, valid, banks) = best.context("stage ran no epoch")?;
-        checkpoint::load_params(backend, &mut tr.store, &ckpt)?;
+        let best = p.best.take().context("stage ran no epoch")?;
+        let meta = checkpoint::load_params(backend, &mut tr.store, &ckpt)?;
+        // A resumed run re-writes the best file only when it re-runs the epoch that improved; the file must be
+        // the one the recorded state selected.
+        if meta.get("epoch") != Some(&best.epoch.to_string()) {
+            bail!("{}: holds epoch {:?}, but the run selected epoch {} of stage {stage}", ckpt.display(), meta.get("epoch"),
+                  best.epoch);
+        }
         // The memory bank goes back to the state it had with the selected weights (mission.md §10).
-        tr.banks = banks;
-        if let Some((a, _)) = best_alpha(&valid) {
-            alpha = a;
+        tr.banks = best_banks.take();
+        if let Some((a, _)) = best_alpha(&best.valid) {
+            p.alpha = a;
         }
-        stages.push(StageSummary { stage, epochs_run, best_epoch, selection_ndcg10: sel, valid,
-                                   seconds: stage_start.elapsed().as_secs_f64(), switches });
+        p.stages.push(StageSummary { stage, epochs_run: p.epoch, best_epoch: best.epoch, selection_ndcg10: best.selection,
+                                     valid: best.valid, seconds: p.stage_seconds + stage_clock.elapsed().as_secs_f64(),
+                                     switches: p.switches });
+        (p.stage, p.stage_begun, p.stage_seconds) = (stage + 1, false, 0.0);
+        save_resume(&mut rs, &tr, &order, &best_banks, &mut p, &guard, &Instant::now(), &wall)?;
+        rs.stop_if_asked(p.step, false).inspect_err(|_| bar.finish_and_clear())?;
     }
     bar.finish_and_clear();
-    let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, alpha, &[], None)?;
+    let run = rs.run;
+    let test = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Test, &cfg.eval, p.alpha, &[], None)?;
     run.log(&EvalRecord { kind: "eval", stage: 5, epoch: 0, step: tr.step, split: "test", eval: &test, selection: test.fused.sampled.ndcg10, train_loss: f64::NAN })?;
     run.flush()?;
     guard::check_weights(backend, &tr.store, &run.file("final.safetensors"))?;
@@ -519,10 +670,10 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         users: data.dataset.num_users,
         items: data.dataset.num_items,
         parameters: tr.store.len(),
-        stages,
+        stages: p.stages,
         test,
-        fusion_alpha: alpha,
+        fusion_alpha: p.alpha,
         chance_hit10_sampled: data.sampled_chance_hit10(cfg.eval.negatives),
-        wall_seconds: wall.elapsed().as_secs_f64(),
+        wall_seconds: p.wall_seconds + wall.elapsed().as_secs_f64(),
     })
 }
