@@ -171,10 +171,12 @@ impl Device {
             Device::Cuda(b) => b.name(),
         }
     }
-    fn run<F: WithBackend>(&self, f: F) -> F::Out {
+    /// Runs `f` on this device. On the GPU a driver failure mid-run (out of memory, a faulting kernel) ends
+    /// in a clear error rather than a panic (`cuda::failure`).
+    fn run<T, F: WithBackend<Out = Result<T>>>(&self, f: F) -> Result<T> {
         match self {
             Device::Cpu(b) => f.run(b),
-            Device::Cuda(b) => f.run(&**b),
+            Device::Cuda(b) => cuda::failure::run_guarded(|| f.run(&**b)),
         }
     }
 }
@@ -469,6 +471,10 @@ fn info(args: InfoArgs) -> Result<()> {
         Ok(gpu) => println!("GPU: {} ({} device(s)); used with --device cuda, or by --device auto when {ENABLE_CUDA_ENV}=1 \
                              (the kernels have not been validated on a GPU yet)", gpu.name, gpu.device_count),
         Err(e) => println!("GPU: none — {e}"),
+    }
+    match cuda::probe_nvrtc() {
+        Ok(v) => println!("NVRTC: {}.{} (the CUDA kernels can be compiled)", v.major, v.minor),
+        Err(e) => println!("NVRTC: none — {e}"),
     }
     println!("CPU: {} threads", rayon::current_num_threads());
     if args.params {

@@ -103,7 +103,10 @@ impl CudaBackend {
         let prev = panic::take_hook();
         panic::set_hook(Box::new(|_| {}));
         let r = panic::catch_unwind(AssertUnwindSafe(|| -> Result<CudaBackend, CudaError> {
-            let drv = |what: &str, e: &dyn std::fmt::Debug| CudaError::Driver(format!("{what}: {e:?}"));
+            let drv = |what: &str, e: &dyn std::fmt::Debug| {
+                let msg = format!("{what}: {e:?}");
+                CudaError::Driver(format!("{msg} ({})", super::failure::advice(&msg)))
+            };
             let ctx = CudaContext::new(ordinal).map_err(|e| drv("context", &e))?;
             // One stream only: cudarc's cross-stream event tracking is pure overhead here.
             unsafe { ctx.disable_event_tracking() };

@@ -10,6 +10,7 @@
 use std::panic;
 
 pub mod backend;
+pub mod failure;
 pub mod kernels;
 
 pub use backend::{CudaBackend, CudaError};
