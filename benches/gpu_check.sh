@@ -46,7 +46,7 @@ if [ "${1:-}" = "--stage" ]; then
   DIR=${2:-$BIN}
   mkdir -p "$DIR"
   set -e
-  for t in cuda_parity nvrtc_compile; do
+  for t in cuda_parity cuda_training nvrtc_compile; do
     exe=$(cargo test --release --no-run --test "$t" 2>&1 | grep -o "target/release/deps/${t}-[0-9a-f]*" | tail -1)
     cp "$exe" "$DIR/$t"
   done
@@ -96,15 +96,17 @@ run() {
   [ "$rc" = 124 ] && echo "!! $name timed out after ${t}s"
 }
 
-RC_cuda_parity=-1; RC_nvrtc_compile=-1; RC_kernels=-1; RC_step=-1
+RC_cuda_parity=-1; RC_cuda_training=-1; RC_nvrtc_compile=-1; RC_kernels=-1; RC_step=-1
 if [ "$BUILD" = ok ]; then
   if [ "$MODE" = cargo ]; then
     run cuda_parity 90 cargo test --release --test cuda_parity -- --nocapture
+    run cuda_training 60 cargo test --release --test cuda_training -- --nocapture --test-threads 1
     run nvrtc_compile 60 cargo test --release --test nvrtc_compile -- --nocapture
     run kernels 100 cargo bench --bench kernels
     run step 120 cargo bench --bench step
   else
     run cuda_parity 90 "$BIN/cuda_parity" --nocapture
+    run cuda_training 60 "$BIN/cuda_training" --nocapture --test-threads 1
     run nvrtc_compile 60 "$BIN/nvrtc_compile" --nocapture
     run kernels 100 "$BIN/kernels" --bench
     run step 120 "$BIN/step" --bench
@@ -128,6 +130,9 @@ skips=$(grep -c 'skipped: no GPU' "$LOG/cuda_parity.log" 2>/dev/null || true)
 printf '%-14s rc=%-4s passed=%-4s failed=%-4s %s\n' cuda_parity "$RC_cuda_parity" "$pp" "$pf" \
   "$([ "${skips:-0}" -gt 0 ] && echo "(${skips} tests skipped: no GPU)")"
 grep -E '^test .* FAILED|relative error' "$LOG/cuda_parity.log" 2>/dev/null | head -20
+read -r tp tf < <(counts cuda_training)
+printf '%-14s rc=%-4s passed=%-4s failed=%-4s\n' cuda_training "$RC_cuda_training" "$tp" "$tf"
+grep -E '^test .* FAILED|relative error' "$LOG/cuda_training.log" 2>/dev/null | head -12
 read -r np nf < <(counts nvrtc_compile)
 printf '%-14s rc=%-4s passed=%-4s failed=%-4s %s\n' nvrtc_compile "$RC_nvrtc_compile" "$np" "$nf" \
   "$(grep -m1 -o 'skipped: libnvrtc not found' "$LOG/nvrtc_compile.log" 2>/dev/null)"
@@ -141,5 +146,6 @@ grep -E '^(GPU|model|sasrec|ur4rec) ' "$LOG/step.log" 2>/dev/null
 STATUS=0
 [ "$BUILD" = ok ] || STATUS=1
 if [ "$RC_cuda_parity" != 0 ] || [ "${pf:-0}" != 0 ]; then STATUS=1; fi
+if [ "$RC_cuda_training" != 0 ] || [ "${tf:-0}" != 0 ]; then STATUS=1; fi
 echo "gpu_check: $([ $STATUS = 0 ] && echo PASS || echo FAIL)"
 exit $STATUS
