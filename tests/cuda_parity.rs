@@ -339,6 +339,12 @@ fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
         out(b, &mut o, format!("adamw_v{n}"), &v, ELEM);
         let ss = b.sum_squares(&g, 3, n);
         o.push((format!("sum_squares{n}"), vec![ss as f32], RED));
+        // Several ranges in one call (with an empty one): each exactly `sum_squares` of its range.
+        let ranges = [(3, n), (0, 0), (1, n / 2 + 1), (n / 3, n / 3 + 2)];
+        let many = b.sum_squares_many(&g, &ranges);
+        let one_by_one: Vec<f64> = ranges.iter().map(|&(off, len)| b.sum_squares(&g, off, len)).collect();
+        assert_eq!(many, one_by_one, "sum_squares_many must equal sum_squares range by range");
+        o.push((format!("sum_squares_many{n}"), many.iter().map(|&v| v as f32).collect(), RED));
         out(b, &mut o, format!("sum_all{n}"), &b.sum_all(&g), RED);
         o.push((format!("read_scalar{n}"), vec![b.read_scalar(&b.sum_all(&g))], RED));
     }

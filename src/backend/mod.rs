@@ -72,6 +72,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     // ---- optimizer -------------------------------------------------------------------------------
     /// `Σ x[offset .. offset + len]²` (gradient-norm clipping), accumulated in f64.
     fn sum_squares(&self, x: &Self::Buf, offset: usize, len: usize) -> f64;
+    /// [`Backend::sum_squares`] of each `(offset, len)` range, each summed exactly as `sum_squares` sums it.
+    /// One host read for all of them on the GPU (the per-step gradient check and clipping need every
+    /// parameter's sum; reading them one by one was a synchronisation per parameter).
+    fn sum_squares_many(&self, x: &Self::Buf, ranges: &[(usize, usize)]) -> Vec<f64> {
+        ranges.iter().map(|&(offset, len)| self.sum_squares(x, offset, len)).collect()
+    }
     /// One fused AdamW update of `p[offset .. offset + len]` (decoupled weight decay; see `train::optim`).
     #[allow(clippy::too_many_arguments)]
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, offset: usize,

@@ -54,13 +54,28 @@ pub fn check_losses(terms: &[(&str, f32)]) -> Option<NonFinite> {
         .map(|(name, v)| NonFinite { source: "loss", tensor: name.to_string(), group: None, value: *v as f64 })
 }
 
+/// Each parameter's gradient sum of squares (0 for a frozen parameter), in one backend pass — one host
+/// read on the GPU. The guard and the optimizer's clipping share it.
+pub fn grad_sum_squares<B: Backend>(backend: &B, store: &ParamStore<B>) -> Vec<f64> {
+    let trainable: Vec<usize> = (0..store.infos.len()).filter(|&i| store.infos[i].trainable).collect();
+    let ranges: Vec<(usize, usize)> = trainable.iter().map(|&i| (store.infos[i].offset, store.infos[i].len)).collect();
+    let mut sums = vec![0.0; store.infos.len()];
+    for (i, s) in trainable.into_iter().zip(backend.sum_squares_many(&store.grads, &ranges)) {
+        sums[i] = s;
+    }
+    sums
+}
+
+/// The first trainable parameter, in storage order, whose gradient sum of squares (from
+/// [`grad_sum_squares`]) is non-finite — its gradient holds a NaN or an Inf.
+pub fn first_non_finite<B: Backend>(store: &ParamStore<B>, sums: &[f64]) -> Option<NonFinite> {
+    store.infos.iter().zip(sums).find(|(p, s)| p.trainable && !s.is_finite())
+        .map(|(p, &s)| NonFinite { source: "grad", tensor: p.name.clone(), group: Some(store.groups[p.group].name.clone()), value: s })
+}
+
 /// The first trainable parameter whose gradient range holds a NaN or an Inf.
 pub fn check_grads<B: Backend>(backend: &B, store: &ParamStore<B>) -> Option<NonFinite> {
-    store.infos.iter().filter(|p| p.trainable).find_map(|p| {
-        let s = backend.sum_squares(&store.grads, p.offset, p.len);
-        (!s.is_finite()).then(|| NonFinite { source: "grad", tensor: p.name.clone(),
-                                             group: Some(store.groups[p.group].name.clone()), value: s })
-    })
+    first_non_finite(store, &grad_sum_squares(backend, store))
 }
 
 /// Refuses to write a checkpoint from non-finite weights (the guard should make this impossible; this is

@@ -45,13 +45,25 @@ impl AdamW {
 
     /// One step for every group with `lrs[group] > 0`; `clip` is the per-group max norm (0 = off).
     pub fn step<B: Backend>(&mut self, backend: &B, store: &mut ParamStore<B>, lrs: &[f32], clip: f32) -> Vec<GroupStepReport> {
+        let sums = crate::train::guard::grad_sum_squares(backend, store);
+        self.step_with_sums(backend, store, lrs, clip, &sums)
+    }
+
+    /// [`AdamW::step`] given each parameter's gradient sum of squares (`guard::grad_sum_squares`, which the
+    /// trainers compute once for the non-finite check and the clipping together). A group's norm is the
+    /// square root of its parameters' sums added in storage order — the same bits as
+    /// [`AdamW::group_grad_norm`].
+    pub fn step_with_sums<B: Backend>(&mut self, backend: &B, store: &mut ParamStore<B>, lrs: &[f32], clip: f32,
+                                      sums: &[f64]) -> Vec<GroupStepReport> {
         assert_eq!(lrs.len(), store.groups.len(), "one learning rate per parameter group");
+        assert_eq!(sums.len(), store.infos.len(), "one sum of squares per parameter");
         let mut reports = Vec::new();
         for (group, &lr) in lrs.iter().enumerate() {
             if !store.infos.iter().any(|p| p.group == group && p.trainable) {
                 continue;
             }
-            let grad_norm = Self::group_grad_norm(backend, store, group);
+            let grad_norm = store.infos.iter().zip(sums).filter(|(p, _)| p.group == group && p.trainable)
+                .map(|(_, s)| s).sum::<f64>().sqrt();
             let clip_scale = if clip > 0.0 { (clip as f64 / (grad_norm + 1e-6)).min(1.0) as f32 } else { 1.0 };
             reports.push(GroupStepReport { group, lr, grad_norm, clip_scale });
             for (i, p) in store.infos.iter().enumerate() {

@@ -180,10 +180,12 @@ pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store:
     store.zero_grads(backend);
     tape.backward(loss_var, &mut store.grads);
     drop(tape);
-    if let Some(what) = guard::check_grads(backend, store) {
+    // One pass over the gradients serves the non-finite check and the clipping (one host read on the GPU).
+    let sums = guard::grad_sum_squares(backend, store);
+    if let Some(what) = guard::first_non_finite(store, &sums) {
         return skipped(what);
     }
-    let reports = opt.step(backend, store, &[lr], t.clip_norm);
+    let reports = opt.step_with_sums(backend, store, &[lr], t.clip_norm, &sums);
     let grad_norm = reports.first().map(|r| r.grad_norm).unwrap_or(0.0);
     Ok(Some(StepOutcome { loss, grad_norm, sequences: bl.sequences, tokens: bl.tokens, skipped: None }))
 }

@@ -360,10 +360,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.store.zero_grads(backend);
         tape.backward(loss, &mut self.store.grads);
         drop(tape);
-        if let Some(what) = guard::check_grads(backend, &self.store) {
+        // One pass over the gradients serves the non-finite check and the clipping (one host read on the GPU).
+        let sums = guard::grad_sum_squares(backend, &self.store);
+        if let Some(what) = guard::first_non_finite(&self.store, &sums) {
             return skipped(losses, what);
         }
-        let reports = self.opt.step(backend, &mut self.store, lrs, self.cfg.train.clip_norm);
+        let reports = self.opt.step_with_sums(backend, &mut self.store, lrs, self.cfg.train.clip_norm, &sums);
         let grad_norm = reports.iter().map(|r| (self.store.groups[r.group].name.clone(), r.grad_norm)).collect();
         if let (Some((bt, bv)), Some((t, v))) = (self.banks.as_mut(), enqueue) {
             let ids: Vec<u32> = users.iter().filter(|&&x| self.data.split.train[x].len() >= 2).map(|&x| x as u32 + 1).collect();

@@ -373,6 +373,31 @@ impl Backend for CudaBackend {
         check(self.stream.clone_dtoh(&out), "sum_squares readback")[0]
     }
 
+    fn sum_squares_many(&self, x: &CudaSlice<f32>, ranges: &[(usize, usize)]) -> Vec<f64> {
+        // The same two kernels as `sum_squares` per range (so the same bits), each finishing into its own
+        // slot of one device array; the stream orders the launches, so one partials buffer serves all.
+        let mut out = self.alloc_f64(ranges.len());
+        let mut partials = self.alloc_f64(REDUCE_GRID);
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            assert!(offset + len <= x.len(), "sum_squares_many: range {i} out of bounds");
+            if len == 0 {
+                continue;
+            }
+            let view = x.slice(offset..offset + len);
+            let g = reduce_grid(len);
+            let (n64, mode) = (len as u64, 1i32);
+            let cfg = LaunchConfig { grid_dim: (g as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "sum_partials_f32", cfg; &mut partials, &view, &n64, &mode);
+            let np = g as u32;
+            let mut slot = out.slice_mut(i..i + 1);
+            let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "reduce_finish_f64", cfg1; &mut slot, &partials, &np);
+        }
+        let mut host = check(self.stream.clone_dtoh(&out), "sum_squares_many readback");
+        host.truncate(ranges.len());
+        host
+    }
+
     fn adamw(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
              offset: usize, len: usize, hp: &AdamWStep) {
         if len == 0 {
