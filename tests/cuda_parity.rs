@@ -11,6 +11,7 @@
 //!   f32 sums in a different order differ by ~√n·ulp; for rows up to a few hundred terms that is ≲1e-5,
 //!   and 1e-4 leaves headroom without hiding an indexing error (which shows as O(1)).
 //! Without a GPU every test prints "skipped: no GPU (<reason>)" and returns.
+mod fixtures;
 use ur4rec_engine::backend::cuda::CudaBackend;
 use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, DropoutKey, SeqLayout};
 use ur4rec_engine::rng::Rng;
@@ -20,13 +21,7 @@ const ELEM: f64 = 1e-5;
 const RED: f64 = 1e-4;
 
 fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            None
-        }
-    }
+    fixtures::gpu_or_skip()
 }
 
 /// Uniform in ±[0.1, 1.1): random signs, never zero.

@@ -7,6 +7,8 @@
 //!
 //! The tests share one lock: the memory test reads the process's resident set, which the other tests'
 //! allocations (they run on parallel test threads by default) would disturb.
+mod fixtures;
+use fixtures::{small_sasrec_config, small_sasrec_data, tiny_ur4rec_config, tiny_ur4rec_data};
 use std::sync::Mutex;
 use ur4rec_engine::backend::CpuBackend;
 use ur4rec_engine::checkpoint;
@@ -31,52 +33,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn small_sasrec_cfg() -> Config {
-    let mut cfg = Config::preset("sasrec").unwrap();
-    cfg.sasrec.hidden = 16;
-    cfg.sasrec.ffn = 16;
-    cfg.sasrec.max_len = 12;
-    cfg.train.batch_size = 20;
-    cfg.train.epochs = 3;
-    cfg.train.eval_every = 1;
-    cfg.eval.negatives = 20;
-    cfg.eval.full_ranking = false;
-    cfg
-}
-
-fn sasrec_data(cfg: &Config, users: usize) -> PreparedData {
-    let ds = data::synthetic(&SyntheticConfig { users, items: 80, seed: 4, ..Default::default() });
-    PreparedData::from_dataset(ds, cfg).unwrap()
-}
-
+/// The tiny UR4Rec model over two short epochs per stage (1 in stages 3 and 4), sampled evaluation only.
 fn tiny_ur4rec_cfg() -> Config {
-    let mut cfg = Config::preset("default").unwrap();
-    cfg.sasrec.hidden = 8;
-    cfg.sasrec.ffn = 8;
-    cfg.sasrec.max_len = 8;
-    cfg.ur4rec.retriever.hidden = 12;
-    cfg.ur4rec.retriever.dim = 6;
-    cfg.ur4rec.negatives = 3;
-    cfg.ur4rec.contrastive = ContrastiveKind::MemoryBank;
-    cfg.ur4rec.bank_size = 16;
-    cfg.ur4rec.distillation.enabled = true;
+    let mut cfg = tiny_ur4rec_config();
     cfg.ur4rec.stage_epochs = [2, 2, 1, 1];
     cfg.train.batch_size = 10;
-    cfg.eval.negatives = 20;
     cfg.eval.full_ranking = false;
     cfg
-}
-
-fn ur4rec_data(cfg: &Config, users: usize) -> PreparedData {
-    let ds = data::synthetic(&SyntheticConfig { users, items: 60, text_dim: 10, visual_dim: 7, min_len: 6, max_len: 12,
-                                                seed: 9, ..Default::default() });
-    PreparedData::from_dataset(ds, cfg).unwrap()
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ur4rec-reliability-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    fixtures::temp_dir("reliability", name)
 }
 
 fn records(dir: &std::path::Path, kind: &str) -> Vec<serde_json::Value> {
@@ -99,9 +66,9 @@ fn sasrec_state(be: &CpuBackend, cfg: &Config, data: &PreparedData) -> (SasRec, 
 fn a_nan_step_is_skipped_named_logged_and_leaves_the_state_untouched() {
     let _lock = serial();
     let be = CpuBackend::new();
-    let mut cfg = small_sasrec_cfg();
+    let mut cfg = small_sasrec_config();
     cfg.train.inject_nan_at_step = Some(3);
-    let data = sasrec_data(&cfg, 100);
+    let data = small_sasrec_data(&cfg, 100);
 
     // Step by step: the poisoned step changes nothing the next step depends on.
     let (model, mut store, mut opt) = sasrec_state(&be, &cfg, &data);
@@ -137,7 +104,7 @@ fn a_nan_step_is_skipped_named_logged_and_leaves_the_state_untouched() {
     // UR4Rec, stage 2 (the retriever): the poisoned term is named, and the weights, moments, step counts
     // and memory banks are as before the step.
     let mut cfg = tiny_ur4rec_cfg();
-    let data = ur4rec_data(&cfg, 40);
+    let data = tiny_ur4rec_data(&cfg, 40);
     let spe = 4; // 40 users / batch 10
     cfg.train.inject_nan_at_step = Some(2 * spe + 1); // stage 2, its second step
     let mut tr = Trainer::new(&be, &cfg, &data).unwrap();
@@ -171,13 +138,13 @@ fn a_nan_step_is_skipped_named_logged_and_leaves_the_state_untouched() {
 fn consecutive_nan_steps_stop_the_run_and_the_best_checkpoint_still_loads() {
     let _lock = serial();
     let be = CpuBackend::new();
-    let mut cfg = small_sasrec_cfg();
+    let mut cfg = small_sasrec_config();
     cfg.train.epochs = 5;
     // 5 steps per epoch: epoch 1 is evaluated and checkpointed, step 5 is good, every step from 6 on is
     // poisoned, and the 4th bad one (step 9) stops the run before epoch 2 is evaluated.
     cfg.train.inject_nan_from_step = Some(6);
     cfg.train.max_bad_steps = 4;
-    let data = sasrec_data(&cfg, 100);
+    let data = small_sasrec_data(&cfg, 100);
     let dir = temp_dir("sasrec-diverged");
     let mut run = RunDir::create(&dir).unwrap();
     let e = train_sasrec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).expect_err("the run must stop");
@@ -198,7 +165,7 @@ fn consecutive_nan_steps_stop_the_run_and_the_best_checkpoint_still_loads() {
     cfg.ur4rec.keep_start_if_better = true;
     cfg.train.inject_nan_from_step = Some(4 + 5); // stage 2 starts at step 4; its epoch 1 finishes cleanly
     cfg.train.max_bad_steps = 3;
-    let data = ur4rec_data(&cfg, 40);
+    let data = tiny_ur4rec_data(&cfg, 40);
     let dir = temp_dir("ur4rec-diverged");
     let mut run = RunDir::create(&dir).unwrap();
     let e = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).expect_err("the run must stop");
@@ -240,7 +207,7 @@ fn ur4rec_run(threads: usize) -> (Vec<u32>, Vec<u32>) {
         cfg.ur4rec.contrastive = ContrastiveKind::MemoryBank;
         cfg.ur4rec.distillation.enabled = true;
         cfg.eval.negatives = 20; // 60 items
-        let data = ur4rec_data(&cfg, 256);
+        let data = tiny_ur4rec_data(&cfg, 256);
         let mut tr = Trainer::new(&be, &cfg, &data).unwrap();
         let users: Vec<usize> = (0..256).collect();
         let mut losses = Vec::new();
@@ -296,12 +263,12 @@ fn memory_after_1000_steps_equals_memory_after_10() {
         return;
     };
     let be = CpuBackend::new();
-    let mut cfg = small_sasrec_cfg();
+    let mut cfg = small_sasrec_config();
     cfg.sasrec.hidden = 32;
     cfg.sasrec.ffn = 32;
     cfg.sasrec.max_len = 20;
     cfg.train.batch_size = 32;
-    let data = sasrec_data(&cfg, 320);
+    let data = small_sasrec_data(&cfg, 320);
     let (model, mut store, mut opt) = sasrec_state(&be, &cfg, &data);
     let mut rng = Rng::new(2);
     let mut order: Vec<usize> = (0..data.split.train.len()).collect();

@@ -6,80 +6,53 @@
 //! refused with a message naming the file and what is wrong.
 //!
 //! The killed-process variants (SIGKILL mid-run, SIGINT) are in `tests/resume_process.rs`.
+mod fixtures;
+use fixtures::{small_sasrec_config, small_sasrec_data, tensors, tiny_ur4rec_config, tiny_ur4rec_data};
 use std::path::{Path, PathBuf};
 use ur4rec_engine::backend::CpuBackend;
-use ur4rec_engine::config::{AlternationKind, Config, ContrastiveKind, WeightsKind};
-use ur4rec_engine::data::{self, SyntheticConfig};
+use ur4rec_engine::config::{AlternationKind, Config, WeightsKind};
 use ur4rec_engine::report::RunDir;
 use ur4rec_engine::train::resume::{ResumeFile, StopReason, Stopped, RESUME_FILE};
 use ur4rec_engine::train::trainer::{train_sasrec, PreparedData, RunOptions};
 use ur4rec_engine::train::ur4rec_trainer::train_ur4rec;
 
+/// The tiny UR4Rec model with every improvement on, checkpointing every 4 steps; stage 3 long enough for
+/// the adaptive alternation to switch.
 fn ur4rec_cfg() -> Config {
-    let mut cfg = Config::preset("default").unwrap();
-    cfg.sasrec.hidden = 8;
-    cfg.sasrec.ffn = 8;
-    cfg.sasrec.max_len = 8;
-    cfg.ur4rec.retriever.hidden = 12;
-    cfg.ur4rec.retriever.dim = 6;
-    cfg.ur4rec.negatives = 3;
-    cfg.ur4rec.contrastive = ContrastiveKind::MemoryBank;
-    cfg.ur4rec.bank_size = 16;
-    cfg.ur4rec.distillation.enabled = true;
+    let mut cfg = tiny_ur4rec_config();
     cfg.ur4rec.alternation = AlternationKind::Adaptive;
     cfg.ur4rec.weights = WeightsKind::Curriculum;
     cfg.ur4rec.unfreeze = vec!["0:sasrec.final_norm,retriever.item_text".into(), "3:sasrec,retriever".into()];
     cfg.ur4rec.stage_epochs = [2, 2, 10, 2];
     cfg.train.batch_size = 10;
     cfg.train.checkpoint_every = 4;
-    cfg.eval.negatives = 20;
     cfg.eval.full_ranking = false;
     cfg
 }
 
 fn ur4rec_data(cfg: &Config) -> PreparedData {
-    let ds = data::synthetic(&SyntheticConfig { users: 40, items: 60, text_dim: 10, visual_dim: 7, min_len: 6, max_len: 12,
-                                                seed: 9, ..Default::default() });
-    PreparedData::from_dataset(ds, cfg).unwrap()
+    tiny_ur4rec_data(cfg, 40)
 }
 
+/// The small SASRec run over 4 epochs, evaluated every second one, checkpointing every 3 steps.
 fn sasrec_cfg() -> Config {
-    let mut cfg = Config::preset("sasrec").unwrap();
-    cfg.sasrec.hidden = 16;
-    cfg.sasrec.ffn = 16;
-    cfg.sasrec.max_len = 12;
-    cfg.train.batch_size = 20;
+    let mut cfg = small_sasrec_config();
     cfg.train.epochs = 4;
     cfg.train.eval_every = 2;
     cfg.train.checkpoint_every = 3;
-    cfg.eval.negatives = 20;
-    cfg.eval.full_ranking = false;
     cfg
 }
 
 fn sasrec_data(cfg: &Config) -> PreparedData {
-    let ds = data::synthetic(&SyntheticConfig { users: 90, items: 80, seed: 4, ..Default::default() });
-    PreparedData::from_dataset(ds, cfg).unwrap()
+    small_sasrec_data(cfg, 90)
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ur4rec-resume-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    fixtures::temp_dir("resume", name)
 }
 
 fn opts(resume: bool, stop: Option<usize>) -> RunOptions {
     RunOptions { quiet: true, resume, stop_after_steps: stop }
-}
-
-/// A parameter file's tensors (name → raw bytes), ignoring the metadata's order, which safetensors
-/// writes in hash-map order.
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
-    v.sort();
-    v
 }
 
 /// Runs `train` with a stop after each of `stops` (global steps), resuming from the checkpoint each time,

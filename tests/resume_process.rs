@@ -4,6 +4,8 @@
 //! - SIGINT stops a run after the step in flight with a fresh checkpoint, exit status 130 and a message
 //!   saying how to continue; the continued run again matches the straight run.
 //! "Matches" means: `metrics.jsonl` byte for byte and every tensor of `final.safetensors` bit for bit.
+mod fixtures;
+use fixtures::tensors;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -20,9 +22,7 @@ fn train_args(out: &Path) -> Vec<String> {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ur4rec-resume-process-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    fixtures::temp_dir("resume-process", name)
 }
 
 fn run_to_end(args: &[String]) {
@@ -55,14 +55,6 @@ fn wait_for_checkpoint(dir: &Path, min_step: usize, child: &mut Child) -> usize 
         assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint at step {min_step} after 120 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
-    v.sort();
-    v
 }
 
 fn assert_same_as_straight(dir: &Path) {

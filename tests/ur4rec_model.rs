@@ -1,36 +1,16 @@
 //! Whole-model checks of UR4Rec: the gradient of the full stage-4 loss (SASRec BPR, retrieval, consistency,
 //! memory-bank InfoNCE, LogDet diversity) against central finite differences, and a short four-stage run
 //! with every improvement switched on.
+mod fixtures;
+use fixtures::{tiny_ur4rec_config, tiny_ur4rec_data};
 use ur4rec_engine::backend::CpuBackend;
-use ur4rec_engine::config::{AlternationKind, Config, ContrastiveKind, WeightsKind};
-use ur4rec_engine::data::{self, SyntheticConfig};
+use ur4rec_engine::config::{AlternationKind, WeightsKind};
 use ur4rec_engine::report::RunDir;
 use ur4rec_engine::rng::Rng;
 use ur4rec_engine::tape::Tape;
 use ur4rec_engine::train::strategies::Module;
-use ur4rec_engine::train::trainer::{PreparedData, RunOptions};
+use ur4rec_engine::train::trainer::RunOptions;
 use ur4rec_engine::train::ur4rec_trainer::{train_ur4rec, Trainer};
-
-fn tiny_config() -> Config {
-    let mut cfg = Config::preset("default").unwrap();
-    cfg.sasrec.hidden = 8;
-    cfg.sasrec.ffn = 8;
-    cfg.sasrec.max_len = 8;
-    cfg.ur4rec.retriever.hidden = 12;
-    cfg.ur4rec.retriever.dim = 6;
-    cfg.ur4rec.negatives = 3;
-    cfg.ur4rec.contrastive = ContrastiveKind::MemoryBank;
-    cfg.ur4rec.bank_size = 16;
-    cfg.ur4rec.distillation.enabled = true;
-    cfg.eval.negatives = 20;
-    cfg
-}
-
-fn tiny_data(cfg: &Config) -> PreparedData {
-    let ds = data::synthetic(&SyntheticConfig { users: 40, items: 60, text_dim: 10, visual_dim: 7, min_len: 6, max_len: 12,
-                                                seed: 9, ..Default::default() });
-    PreparedData::from_dataset(ds, cfg).unwrap()
-}
 
 #[test]
 fn full_ur4rec_loss_gradient_matches_finite_differences() {
@@ -40,9 +20,9 @@ fn full_ur4rec_loss_gradient_matches_finite_differences() {
     // Distillation is off here: its teachers are detached by design (each tower learns from the other's
     // current distribution, not through it), so its update is deliberately not the derivative of the loss
     // value that finite differences measure. kl_div against a constant teacher is checked in gradcheck.rs.
-    let mut cfg = tiny_config();
+    let mut cfg = tiny_ur4rec_config();
     cfg.ur4rec.distillation.enabled = false;
-    let data = tiny_data(&cfg);
+    let data = tiny_ur4rec_data(&cfg, 40);
     let mut tr = Trainer::new(&be, &cfg, &data).unwrap();
     tr.set_stage_trainable(4, Module::Sasrec);
     let users: Vec<usize> = (0..6).collect();
@@ -87,7 +67,7 @@ fn full_ur4rec_loss_gradient_matches_finite_differences() {
 #[test]
 fn four_stages_with_every_improvement_run_and_log_their_events() {
     let be = CpuBackend::new();
-    let mut cfg = tiny_config();
+    let mut cfg = tiny_ur4rec_config();
     cfg.sasrec.hidden = 16;
     cfg.sasrec.ffn = 16;
     cfg.ur4rec.stage_epochs = [3, 2, 2, 2];
@@ -95,7 +75,7 @@ fn four_stages_with_every_improvement_run_and_log_their_events() {
     cfg.ur4rec.weights = WeightsKind::Curriculum;
     cfg.ur4rec.unfreeze = vec!["0:sasrec.final_norm,retriever.item_text".into(), "1:sasrec,retriever".into()];
     cfg.train.batch_size = 16;
-    let data = tiny_data(&cfg);
+    let data = tiny_ur4rec_data(&cfg, 40);
     let dir = std::env::temp_dir().join(format!("ur4rec-four-stages-{}", std::process::id()));
     let mut run = RunDir::create(&dir).unwrap();
     let s = train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).unwrap();
