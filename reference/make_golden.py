@@ -158,7 +158,7 @@ def run_scenario(sc, init_state, data, dtype):
                     scores["sasrec_scores"] = s.detach()
                     scores["fused_scores"] = (0.5 * torch.softmax(s, -1) + 0.5 * torch.softmax(r, -1)).detach()
                 scores["retriever_scores"] = r.detach()
-        losses.append([float(x) for x in row])
+        losses.append([float(x.detach()) for x in row])
         if step == STEPS:
             break
         total.backward()

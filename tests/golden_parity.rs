@@ -45,22 +45,17 @@
 //!
 //! The same scenarios run on the GPU backend when `CudaBackend::new(0)` succeeds, with the same
 //! tolerances; otherwise that test prints "skipped: no GPU (<reason>)".
-use safetensors::tensor::Dtype;
-use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use ur4rec_engine::backend::cuda::CudaBackend;
 use ur4rec_engine::backend::{Backend, CpuBackend};
-use ur4rec_engine::config::{Config, ContrastiveKind, Objective};
-use ur4rec_engine::model::retriever::Retriever;
-use ur4rec_engine::model::SasRec;
-use ur4rec_engine::params::{ParamBuilder, ParamStore};
-use ur4rec_engine::rng::Rng;
+use ur4rec_engine::config::{ContrastiveKind, Objective};
+use ur4rec_engine::golden::GoldenFile;
+use ur4rec_engine::model::ur4rec::fuse_scores;
 use ur4rec_engine::tape::{Tape, Var};
-use ur4rec_engine::train::explicit_batch::{joint_losses, JointBatch, JointSettings};
+use ur4rec_engine::train::explicit_batch::{joint_losses, JointSettings};
 use ur4rec_engine::train::objective::{sasrec_objective, SasRecTargets};
 use ur4rec_engine::train::optim::AdamW;
-use ur4rec_engine::train::strategies::{LossWeights, MemoryBank};
-use ur4rec_engine::model::ur4rec::fuse_scores;
+use ur4rec_engine::train::strategies::LossWeights;
 
 const LOSS_TOL: f64 = 1e-5;
 const ABS_FLOOR: f64 = 1e-7;
@@ -71,51 +66,8 @@ const STEP_TOL: f64 = 1e-3;
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/ur4rec_tiny.safetensors");
 
-/// The golden file: its tensors and its metadata.
-struct Golden {
-    bytes: Vec<u8>,
-    meta: serde_json::Value,
-}
-
-impl Golden {
-    fn load() -> Golden {
-        let bytes = std::fs::read(GOLDEN).unwrap_or_else(|e| panic!("{GOLDEN}: {e} (regenerate with reference/make_golden.py)"));
-        let (_, m) = SafeTensors::read_metadata(&bytes).expect("golden: safetensors header");
-        let meta_str = m.metadata().as_ref().and_then(|m| m.get("golden").cloned()).expect("golden: metadata key 'golden'");
-        let meta: serde_json::Value = serde_json::from_str(&meta_str).expect("golden: metadata JSON");
-        assert_eq!(meta["format"], "ur4rec-golden/1", "golden: format");
-        Golden { bytes, meta }
-    }
-    fn st(&self) -> SafeTensors<'_> {
-        SafeTensors::deserialize(&self.bytes).expect("golden: safetensors")
-    }
-    fn names(&self) -> Vec<String> {
-        self.st().names().into_iter().cloned().collect()
-    }
-    fn has(&self, name: &str) -> bool {
-        self.st().tensor(name).is_ok()
-    }
-    fn shape(&self, name: &str) -> Vec<usize> {
-        self.st().tensor(name).unwrap_or_else(|_| panic!("golden: no tensor {name}")).shape().to_vec()
-    }
-    fn f32s(&self, name: &str) -> Vec<f32> {
-        let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden: no tensor {name}"));
-        assert_eq!(t.dtype(), Dtype::F32, "golden: {name} dtype");
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-    }
-    fn ids(&self, name: &str) -> Vec<u32> {
-        let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden: no tensor {name}"));
-        assert_eq!(t.dtype(), Dtype::I64, "golden: {name} dtype");
-        t.data().chunks_exact(8).map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).expect("id")).collect()
-    }
-    fn usize(&self, key: &str) -> usize {
-        self.meta[key].as_u64().unwrap_or_else(|| panic!("golden: metadata {key}")) as usize
-    }
-    fn strings(v: &serde_json::Value) -> Vec<String> {
-        v.as_array().expect("array").iter().map(|s| s.as_str().expect("string").to_string()).collect()
-    }
+fn load() -> GoldenFile {
+    GoldenFile::load(std::path::Path::new(GOLDEN)).unwrap_or_else(|e| panic!("{e:#} (regenerate with reference/make_golden.py)"))
 }
 
 /// ‖a − b‖ / ‖b‖ in f64.
@@ -160,31 +112,12 @@ struct Forward {
     enqueue: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-fn run_scenario<B: Backend>(be: &B, g: &Golden, sc: &serde_json::Value, errs: &mut Errors) {
+fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs: &mut Errors) {
     let name = sc["name"].as_str().unwrap();
     let stage = sc["stage"].as_u64().unwrap() as usize;
-    let trainable = Golden::strings(&sc["trainable"]);
-    let mut overrides = Golden::strings(&g.meta["engine_overrides"]);
-    overrides.extend(Golden::strings(&sc["overrides"]));
-    let mut cfg = Config::default();
-    cfg.apply_overrides(&overrides).expect("golden overrides apply");
-    let (num_items, text_dim, visual_dim) = (g.usize("num_items"), g.usize("text_dim"), g.usize("visual_dim"));
-
-    // The model in the engine's order (as Ur4Rec::new), then every weight from the file.
-    let mut rng = Rng::new(0);
-    let mut b = ParamBuilder::new();
-    let sasrec = SasRec::new(&mut b, &cfg.sasrec, num_items, &mut rng);
-    let retriever = Retriever::new(&mut b, &cfg.ur4rec.retriever, num_items, text_dim, Some(visual_dim), &mut rng);
-    let mut store: ParamStore<B> = b.build(be);
-    for i in 0..store.infos.len() {
-        let (pname, shape) = (store.infos[i].name.clone(), store.infos[i].shape.clone());
-        assert_eq!(g.shape(&pname), shape, "golden weight {pname}: shape");
-        store.set_values(be, ur4rec_engine::params::ParamId(i), &g.f32s(&pname));
-    }
-    let is_param = |n: &str| n.starts_with("sasrec.") || n.starts_with("retriever.");
-    for n in g.names().iter().filter(|n| is_param(n)) {
-        assert!(store.id(n).is_some(), "golden file has weight {n}, which the engine does not define");
-    }
+    let trainable = GoldenFile::strings(&sc["trainable"]);
+    let cfg = g.config(&GoldenFile::strings(&sc["overrides"])).expect("golden configuration");
+    let (sasrec, retriever, mut store) = g.model(be, &cfg).expect("golden model");
     for gi in 0..store.groups.len() {
         let on = trainable.contains(&store.groups[gi].name);
         store.set_group_trainable(gi, on);
@@ -200,37 +133,24 @@ fn run_scenario<B: Backend>(be: &B, g: &Golden, sc: &serde_json::Value, errs: &m
         assert_eq!(aux[k].as_f64().unwrap() as f32, v, "the fixed {k} weight differs from the golden file's");
     }
 
-    // The batch, verbatim.
-    let users = g.ids("batch.users");
-    let lens = g.ids("batch.seq_lens");
-    let items = g.ids("batch.seq_items");
-    let mut seqs = Vec::new();
-    let mut at = 0usize;
-    for &n in &lens {
-        seqs.push(items[at..at + n as usize].to_vec());
-        at += n as usize;
-    }
-    let cands = g.ids("batch.cands");
-    let j = g.shape("batch.cands")[1];
-    let batch = JointBatch { users: users.clone(), seqs: seqs.clone(), cands: cands.clone(), negatives: j - 1,
-                             user_text: g.f32s("batch.user_text"), user_visual: Some(g.f32s("batch.user_visual")) };
+    // The batch, verbatim (the SASRec inputs untruncated: the engine keeps the last max_len items).
+    let batch = g.batch().expect("golden batch");
+    let (users, seqs, cands) = (batch.users.clone(), batch.seqs.clone(), batch.cands.clone());
+    let j = batch.negatives + 1;
     let targets = match cfg.train.objective {
-        Objective::EveryPosition => SasRecTargets::EveryPosition { pairs: g.ids("batch.stage1_pairs") },
+        Objective::EveryPosition => SasRecTargets::EveryPosition { pairs: g.ids("batch.stage1_pairs").unwrap() },
         Objective::LastBpr => SasRecTargets::LastBpr {
             pos: cands.chunks(j).map(|r| r[0]).collect(),
             neg: cands.chunks(j).flat_map(|r| r[1..].to_vec()).collect(),
             negatives: j - 1,
         },
     };
-    let bank_users = g.ids("bank.users");
-    let bank = |keys: Vec<f32>| MemoryBank { size: bank_users.len(), dim: cfg.ur4rec.retriever.dim, keys,
-                                             users: bank_users.clone(), steps: vec![0; bank_users.len()], ptr: 0, filled: 0 };
     let mut banks = (cfg.ur4rec.contrastive == ContrastiveKind::MemoryBank)
-        .then(|| (bank(g.f32s("bank.text.keys")), bank(g.f32s("bank.visual.keys"))));
+        .then(|| g.banks(cfg.ur4rec.retriever.dim).expect("golden banks"));
 
-    let want_losses = g.f32s(&format!("{name}.losses"));
-    let want_norms = g.f32s(&format!("{name}.grad_norms"));
-    let steps = g.usize("steps");
+    let want_losses = g.f32s(&format!("{name}.losses")).unwrap();
+    let want_norms = g.f32s(&format!("{name}.grad_norms")).unwrap();
+    let steps = g.usize("steps").unwrap();
     for step in 0..=steps {
         let mut tape = Tape::new(be, cfg.seed, step as u64);
         let f = if stage == 1 {
@@ -263,12 +183,12 @@ fn run_scenario<B: Backend>(be: &B, g: &Golden, sc: &serde_json::Value, errs: &m
                 let file = format!("{name}.{key}");
                 assert_eq!(got.is_some(), g.has(&file), "{file}: engine and golden disagree on whether it exists");
                 if let Some(got) = got {
-                    errs.check("scores", file.clone(), rel_l2(&got, &g.f32s(&file)), SCORE_TOL);
+                    errs.check("scores", file.clone(), rel_l2(&got, &g.f32s(&file).unwrap()), SCORE_TOL);
                 }
             }
             if let (Some(s), Some(r)) = (s, r) {
                 let fused = fuse_scores(&s, &r, j, 0.5);
-                errs.check("scores", format!("{name}.fused_scores"), rel_l2(&fused, &g.f32s(&format!("{name}.fused_scores"))), SCORE_TOL);
+                errs.check("scores", format!("{name}.fused_scores"), rel_l2(&fused, &g.f32s(&format!("{name}.fused_scores")).unwrap()), SCORE_TOL);
             }
         }
         if step == steps {
@@ -283,7 +203,7 @@ fn run_scenario<B: Backend>(be: &B, g: &Golden, sc: &serde_json::Value, errs: &m
                 assert_eq!(p.trainable, g.has(&file), "{file}: trainable in the engine iff the golden file has its gradient");
                 if p.trainable {
                     let got = store.grads_of(be, ur4rec_engine::params::ParamId(i));
-                    errs.check("gradient", file.clone(), rel_l2(&got, &g.f32s(&file)), GRAD_TOL);
+                    errs.check("gradient", file.clone(), rel_l2(&got, &g.f32s(&file).unwrap()), GRAD_TOL);
                 }
             }
         }
@@ -303,7 +223,7 @@ fn run_scenario<B: Backend>(be: &B, g: &Golden, sc: &serde_json::Value, errs: &m
 }
 
 fn run_all<B: Backend>(be: &B, device: &str) {
-    let g = Golden::load();
+    let g = load();
     let mut errs = Errors::default();
     let scenarios = g.meta["scenarios"].as_array().unwrap().clone();
     assert!(scenarios.len() >= 4, "golden: scenarios");
