@@ -7,7 +7,7 @@ The step (all three): forward of every stage-4 term (SASRec BPR over 5 negatives
 consistency, memory-bank InfoNCE, LogDet diversity, distillation), backward, per-group gradient clipping,
 AdamW over every parameter, memory-bank enqueue. PyTorch runs `reference/ur4rec_ref.py` (the engine's model
 written in PyTorch; left-padded [B, L] tensors and SDPA attention with a causal + key-padding mask; AdamW
-with its default foreach implementation); torch.compile compiles the forward and losses (the backward
+with PyTorch's defaults, which on the CPU means no foreach); torch.compile compiles the forward and losses (the backward
 through AOTAutograd), the optimizer stays eager. The engine runs `benches/side_by_side.rs` through
 `cargo bench` on a file this script writes (format of tests/golden, see reference/README.md). Both use the
 same number of CPU threads (torch.set_num_threads / a rayon pool of that size).

@@ -48,6 +48,27 @@ def default_config():
     }
 
 
+def config_from_engine_toml(path):
+    """The reference's configuration from an engine run's resolved `config.toml` (run directories hold one).
+    Loss weights: the fixed ones (a curriculum is not reproduced here)."""
+    import tomllib
+    with open(path, "rb") as f:
+        t = tomllib.load(f)
+    c = default_config()
+    for k in c["sasrec"]:
+        c["sasrec"][k] = t["sasrec"].get(k, c["sasrec"][k])
+    for k in c["retriever"]:
+        c["retriever"][k] = t["ur4rec"]["retriever"].get(k, c["retriever"][k])
+    for k in c["ur4rec"]:
+        if k not in ("weights", "distillation") and k in t["ur4rec"]:
+            c["ur4rec"][k] = t["ur4rec"][k]
+    for k in c["ur4rec"]["distillation"]:
+        c["ur4rec"]["distillation"][k] = t["ur4rec"]["distillation"].get(k, c["ur4rec"]["distillation"][k])
+    for k in c["train"]:
+        c["train"][k] = t["train"].get(k, c["train"][k])
+    return c
+
+
 def xavier_std(fan_in, fan_out):
     return math.sqrt(2.0 / (fan_in + fan_out))
 
