@@ -91,7 +91,7 @@ impl Errors {
         if err > e.0 || !err.is_finite() {
             *e = (err, what.clone());
         }
-        if !(err <= tol) {
+        if err.is_nan() || err > tol {
             self.failures.push(format!("{kind} {what}: error {err:.3e} > {tol:.0e}"));
         }
     }
