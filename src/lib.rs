@@ -17,6 +17,7 @@ pub mod model;
 pub mod train;
 pub mod ranking;
 pub mod checkpoint;
+pub mod golden;
 pub mod report;
 pub mod ablation;
 pub mod plot;

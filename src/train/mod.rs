@@ -1,5 +1,6 @@
 //! Training: batches, objectives, optimizer, schedule and the trainer loop.
 pub mod batch;
+pub mod explicit_batch;
 pub mod optim;
 pub mod schedule;
 pub mod objective;

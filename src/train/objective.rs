@@ -20,6 +20,15 @@ pub struct BatchLoss {
     pub sequences: usize,
 }
 
+/// The targets of one SASRec batch, as plain arrays (what [`sasrec_loss`] samples, or what a golden file holds).
+#[derive(Clone, Debug, PartialEq)]
+pub enum SasRecTargets {
+    /// Every position: per packed token (sequence by sequence, in order), `[target, negative]`.
+    EveryPosition { pairs: Vec<u32> },
+    /// Last position: per sequence the positive, and `negatives` sampled ids per sequence (row-major).
+    LastBpr { pos: Vec<u32>, neg: Vec<u32>, negatives: usize },
+}
+
 /// Builds the objective for `users` (0-based indices into `train`), skipping users whose training sequence
 /// has fewer than 2 items (no input/target pair). Returns `None` if no user is left.
 #[allow(clippy::too_many_arguments)]
@@ -32,37 +41,52 @@ pub fn sasrec_loss<B: Backend>(tape: &mut Tape<B>, model: &SasRec, vars: &SasRec
         return None;
     }
     let inputs: Vec<&[u32]> = users.iter().map(|&u| &train[u][..train[u].len() - 1]).collect();
-    let batch = SeqBatch::new(tape.backend, &inputs, max_len);
-    match objective {
+    let targets = match objective {
         Objective::EveryPosition => {
-            let h = model.encode(tape, vars, &batch);
-            let mut cand = Vec::with_capacity(2 * batch.num_tokens());
+            let mut pairs = Vec::new();
             let mut neg = [0u32];
             for &u in &users {
                 let t = &train[u][1..];
                 for &target in &t[t.len().saturating_sub(max_len)..] {
                     sampler.sample(rng, u as u32 + 1, &mut neg);
-                    cand.push(target);
-                    cand.push(neg[0]);
+                    pairs.push(target);
+                    pairs.push(neg[0]);
                 }
             }
-            let logits = tape.score_candidates(h, vars.item_table, &cand, 2);
-            let labels: Vec<f32> = (0..cand.len()).map(|i| if i % 2 == 0 { 1.0 } else { 0.0 }).collect();
-            let loss = tape.bce_logits(logits, &labels);
-            Some(BatchLoss { loss, tokens: batch.num_tokens(), sequences: users.len() })
+            SasRecTargets::EveryPosition { pairs }
         }
         Objective::LastBpr => {
-            let h = model.encode(tape, vars, &batch);
-            let last = tape.gather_rows(h, &batch.last_rows, None);
-            let pos_ids: Vec<u32> = users.iter().map(|&u| *train[u].last().unwrap()).collect();
-            let mut neg_ids = vec![0u32; users.len() * negatives];
+            let pos: Vec<u32> = users.iter().map(|&u| *train[u].last().unwrap()).collect();
+            let mut neg = vec![0u32; users.len() * negatives];
             for (i, &u) in users.iter().enumerate() {
-                sampler.sample(rng, u as u32 + 1, &mut neg_ids[i * negatives..(i + 1) * negatives]);
+                sampler.sample(rng, u as u32 + 1, &mut neg[i * negatives..(i + 1) * negatives]);
             }
-            let pos = tape.score_candidates(last, vars.item_table, &pos_ids, 1);
-            let neg = tape.score_candidates(last, vars.item_table, &neg_ids, negatives);
+            SasRecTargets::LastBpr { pos, neg, negatives }
+        }
+    };
+    Some(sasrec_objective(tape, model, vars, &inputs, &targets))
+}
+
+/// The objective of an explicit batch: SASRec inputs `inputs` (each non-empty; the last `max_len` items are
+/// used) and their targets. With `EveryPosition`, `pairs` holds one `[target, negative]` per used input token.
+pub fn sasrec_objective<B: Backend>(tape: &mut Tape<B>, model: &SasRec, vars: &SasRecVars, inputs: &[&[u32]],
+                                    targets: &SasRecTargets) -> BatchLoss {
+    let batch = SeqBatch::new(tape.backend, inputs, model.cfg.max_len);
+    let h = model.encode(tape, vars, &batch);
+    match targets {
+        SasRecTargets::EveryPosition { pairs } => {
+            assert_eq!(pairs.len(), 2 * batch.num_tokens(), "sasrec_objective: one [target, negative] per token");
+            let logits = tape.score_candidates(h, vars.item_table, pairs, 2);
+            let labels: Vec<f32> = (0..pairs.len()).map(|i| if i % 2 == 0 { 1.0 } else { 0.0 }).collect();
+            let loss = tape.bce_logits(logits, &labels);
+            BatchLoss { loss, tokens: batch.num_tokens(), sequences: inputs.len() }
+        }
+        SasRecTargets::LastBpr { pos, neg, negatives } => {
+            let last = tape.gather_rows(h, &batch.last_rows, None);
+            let pos = tape.score_candidates(last, vars.item_table, pos, 1);
+            let neg = tape.score_candidates(last, vars.item_table, neg, *negatives);
             let loss = tape.bpr(pos, neg);
-            Some(BatchLoss { loss, tokens: users.len(), sequences: users.len() })
+            BatchLoss { loss, tokens: inputs.len(), sequences: inputs.len() }
         }
     }
 }

@@ -7,14 +7,14 @@
 //! bank). With `keep_start_if_better`, a stage's starting weights are a selection candidate too.
 use crate::backend::Backend;
 use crate::checkpoint;
-use crate::config::{AlternationKind, Config, ContrastiveKind, RetrievalLoss, StageSelection, WeightsKind};
+use crate::config::{AlternationKind, Config, ContrastiveKind, StageSelection, WeightsKind};
 use crate::model::ur4rec::Ur4Rec;
 use crate::params::{ParamBuilder, ParamStore};
 use crate::ranking::{evaluate_ur4rec, EvalTarget, Ur4RecEval};
 use crate::report::RunDir;
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
-use crate::train::batch::SeqBatch;
+use crate::train::explicit_batch::{joint_losses, JointBatch, JointSettings};
 use crate::train::objective::sasrec_loss;
 use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
@@ -229,9 +229,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if users.is_empty() {
             return Ok(None);
         }
-        let sv = self.model.sasrec.bind(tape, &self.store);
-        let mut l = StepLosses::default();
         if stage == 1 {
+            let sv = self.model.sasrec.bind(tape, &self.store);
+            let mut l = StepLosses::default();
             let Some(bl) = sasrec_loss(tape, &self.model.sasrec, &sv, &data.split.train, &users, &data.sampler, &mut self.rng,
                                        self.cfg.train.objective, cfg.negatives) else { return Ok(None) };
             let loss = if self.cfg.train.inject_nan(self.step) { tape.scale(bl.loss, f32::NAN) } else { bl.loss };
@@ -239,6 +239,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             l.total = l.sasrec;
             return Ok(Some((loss, l, None)));
         }
+        // The batch as plain arrays (explicit_batch.rs computes its losses): column 0 the last training item,
+        // then `negatives` samples per user.
         let k = cfg.negatives;
         let j = 1 + k;
         let mut cands = vec![0u32; users.len() * j];
@@ -246,101 +248,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
             cands[i * j] = *data.split.train[u].last().unwrap();
             data.sampler.sample(&mut self.rng, u as u32 + 1, &mut cands[i * j + 1..(i + 1) * j]);
         }
-        let w = self.weights.at(self.step);
-        let mut terms: Vec<Var> = Vec::new();
-        // SASRec: BPR of the last training item against the negatives (needed in stages 3–4, and for KD).
-        let s = if stage >= 3 {
-            let inputs: Vec<&[u32]> = users.iter().map(|&u| &data.split.train[u][..data.split.train[u].len() - 1]).collect();
-            let batch = SeqBatch::new(self.backend, &inputs, self.model.sasrec.cfg.max_len);
-            let h = self.model.sasrec.user_vectors(tape, &sv, &batch);
-            let s = tape.score_candidates(h, sv.item_table, &cands, j);
-            let pos = tape.gather_cols(s, &vec![0; users.len()], 1);
-            let neg_idx: Vec<u32> = (0..users.len()).flat_map(|_| 1..j as u32).collect();
-            let neg = tape.gather_cols(s, &neg_idx, k);
-            let bpr = tape.bpr(pos, neg);
-            l.sasrec = tape.scalar(bpr);
-            terms.push(tape.scale(bpr, cfg.sasrec_weight));
-            Some(s)
-        } else {
-            None
-        };
-        // Retriever: BCE over [positive | negatives] of cos/τ logits.
-        let rv = self.model.retriever.bind(tape, &self.store);
         let ids: Vec<u32> = users.iter().map(|&u| u as u32 + 1).collect();
-        let (ti, vi) = self.model.user_inputs(tape, &ids);
-        let uv = self.model.retriever.users(tape, &rv, ti, vi);
-        let r = self.model.retriever.score(tape, &rv, uv.fused, &cands, j);
-        let ret = match cfg.retrieval_loss {
-            RetrievalLoss::Bce => {
-                let labels: Vec<f32> = (0..cands.len()).map(|i| if i % j == 0 { 1.0 } else { 0.0 }).collect();
-                tape.bce_logits(r, &labels)
-            }
-            RetrievalLoss::Softmax => tape.cross_entropy(r, &vec![0; users.len()]),
+        let (user_text, user_visual) = self.model.inputs.user_rows(&ids);
+        let seqs = if stage >= 3 {
+            users.iter().map(|&u| data.split.train[u][..data.split.train[u].len() - 1].to_vec()).collect()
+        } else {
+            Vec::new()
         };
-        // Testing aid (train.inject_nan_*): poisons a named term, so the guard's attribution is exercised.
-        let ret = if self.cfg.train.inject_nan(self.step) { tape.scale(ret, f32::NAN) } else { ret };
-        l.retrieval = tape.scalar(ret);
-        terms.push(tape.scale(ret, cfg.retrieval_weight));
-        let mut enqueue = None;
-        if let Some(v) = uv.visual {
-            // Modality consistency, contrastive InfoNCE (symmetric), LogDet diversity of the fused vectors.
-            let cons = tape.mse(uv.text, v);
-            l.consistency = tape.scalar(cons);
-            let (bank_t, bank_v): (&[f32], &[f32]) = match &self.banks {
-                Some((bt, bv)) => (&bt.keys, &bv.keys),
-                None => (&[], &[]),
-            };
-            let (users_t, users_v): (&[u32], &[u32]) = match &self.banks {
-                Some((bt, bv)) => (&bt.users, &bv.users),
-                None => (&[], &[]),
-            };
-            let tv = tape.infonce_bank(uv.text, v, bank_v, users_v, &ids, cfg.contrastive_tau);
-            let vt = tape.infonce_bank(v, uv.text, bank_t, users_t, &ids, cfg.contrastive_tau);
-            let ctr = tape.add(tv, vt);
-            let ctr = tape.scale(ctr, 0.5);
-            l.contrastive = tape.scalar(ctr);
-            let g = tape.matmul(uv.fused, uv.fused, false, true);
-            let g = tape.add_identity(g, cfg.diversity_eps);
-            let ld = tape.logdet(g);
-            let div = tape.scale(ld, -1.0);
-            l.diversity = tape.scalar(div);
-            if w.consistency > 0.0 { terms.push(tape.scale(cons, w.consistency)); }
-            if w.contrastive > 0.0 { terms.push(tape.scale(ctr, w.contrastive)); }
-            if w.diversity > 0.0 { terms.push(tape.scale(div, w.diversity)); }
-            if self.banks.is_some() {
-                enqueue = Some((tape.to_host(uv.text), tape.to_host(v)));
-            }
-        }
-        // Bidirectional distillation over the same candidates.
-        let kd = &cfg.distillation;
-        if let (true, Some(s)) = (kd.applies(stage), s) {
-            if kd.confidence_weighted {
-                bail!("ur4rec.distillation.confidence_weighted is not supported by the trainer yet");
-        }
-            let t = kd.temperature;
-            let r_scale = if self.model.retriever.cfg.raw_cosine { kd.retriever_logit_scale } else { 1.0 };
-            let st = tape.scale(s, 1.0 / t);
-            let rt = tape.scale(r, r_scale / t);
-            let ps = tape.softmax(st);
-            let ps = tape.detach(ps);
-            let pr = tape.softmax(rt);
-            let pr = tape.detach(pr);
-            let (c_s, c_r) = kd.coefficients(0.5, 0.5);
-            let to_s = tape.kl_div(st, pr);
-            let to_r = tape.kl_div(rt, ps);
-            let a = tape.scale(to_s, c_s as f32);
-            let b = tape.scale(to_r, c_r as f32);
-            let sum = tape.add(a, b);
-            let kdl = tape.scale(sum, t * t);
-            l.distillation = tape.scalar(kdl);
-            terms.push(tape.scale(kdl, kd.weight));
-        }
-        let mut total = terms[0];
-        for &t in &terms[1..] {
-            total = tape.add(total, t);
-        }
-        l.total = tape.scalar(total);
-        Ok(Some((total, l, enqueue)))
+        let batch = JointBatch { users: ids, seqs, cands, negatives: k, user_text, user_visual };
+        let set = JointSettings { cfg, weights: self.weights.at(self.step), banks: self.banks.as_ref(),
+                                  poison_retrieval: self.cfg.train.inject_nan(self.step) };
+        let o = joint_losses(tape, &self.model.sasrec, &self.model.retriever, &self.store, stage, &batch, &set)?;
+        Ok(Some((o.total, o.losses, o.enqueue)))
     }
 
     /// One training step of `stage` on `users` (0-based) at global step `self.step` (not advanced here):
