@@ -8,6 +8,7 @@
 //!   divides by √v, so a gradient element near zero can take a different-size step on the two backends and
 //!   the difference grows with each step; an indexing or masking error shows as O(1).
 //! - Determinism: with the deterministic kernels selected, two GPU runs give bit-identical losses and weights.
+//!
 //! Without a GPU every test prints "skipped: no GPU (<reason>)" and returns.
 mod fixtures;
 use fixtures::{gpu_or_skip, relative_error, tiny_ur4rec_config};

@@ -3,6 +3,7 @@
 //!   written) and continued with `train --resume` ends exactly where the straight run ends;
 //! - SIGINT stops a run after the step in flight with a fresh checkpoint, exit status 130 and a message
 //!   saying how to continue; the continued run again matches the straight run.
+//!
 //! "Matches" means: `metrics.jsonl` byte for byte and every tensor of `final.safetensors` bit for bit.
 mod fixtures;
 use fixtures::tensors;

@@ -62,6 +62,7 @@ impl Columns<'_> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// `tile[r, c] = q_{r0+r} · col_c` for the queries `r0 .. r0 + rows` and the block's columns.
     fn tile(&self, q: &[f32], r0: usize, rows: usize, is_bank: bool, c0: usize, n: usize, tile: &mut [f32]) {
         let d = self.d;
@@ -258,7 +259,7 @@ mod tests {
         let (q, k, bank) = (unit_rows(&mut rng, b, d), unit_rows(&mut rng, b, d), unit_rows(&mut rng, kslots, d));
         let users: Vec<u32> = (1..=b as u32).collect();
         let bank_users: Vec<u32> = (0..kslots).map(|_| rng.below(2 * b as u64) as u32).collect();
-        assert!(bank_users.iter().any(|&u| u == 0) && bank_users.iter().any(|&u| u >= 1 && u <= b as u32));
+        assert!(bank_users.contains(&0) && bank_users.iter().any(|&u| u >= 1 && u <= b as u32));
         let (want, want_dq, want_dk) = reference(&q, &k, &bank, &bank_users, &users, d, tau as f64);
         let got = forward(&q, &k, &bank, &bank_users, &users, d, tau) as f64;
         assert!((got - want).abs() <= 1e-5 * want.abs(), "loss {got} vs {want}");

@@ -342,7 +342,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         p.seqs_done += p.ep_seqs;
         p.tokens_done += p.ep_tokens;
         p.epoch_done = true;
-        let evaluate_now = t.eval_every > 0 && (epoch % t.eval_every == 0 || epoch == t.epochs);
+        let evaluate_now = t.eval_every > 0 && (epoch.is_multiple_of(t.eval_every) || epoch == t.epochs);
         if evaluate_now {
             let valid = evaluate_sasrec(backend, &model, &store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, None)?;
             let train_loss = p.loss_sum / p.loss_n.max(1) as f64;

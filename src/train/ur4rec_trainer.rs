@@ -356,6 +356,7 @@ fn new_alternation(kind: AlternationKind) -> Alternation {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Writes the resume checkpoint: the trainer's tensors, the epoch's order, the banks and the progress record.
 fn save_resume<B: Backend>(ck: &mut Checkpointer, tr: &Trainer<'_, B>, order: &[usize],
                            best_banks: &Option<(MemoryBank, MemoryBank)>, p: &mut Ur4RecProgress, guard: &StepGuard,
