@@ -56,7 +56,7 @@ pub fn save_params<B: Backend>(backend: &B, store: &ParamStore<B>, path: &Path, 
 pub fn load_params<B: Backend>(backend: &B, store: &mut ParamStore<B>, path: &Path) -> Result<HashMap<String, String>, CheckpointError> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| CheckpointError::Io { file: file.clone(), msg: e.to_string() })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::Io { file: file.clone(), msg: format!("not a valid safetensors file: {e}") })?;
+    let st = crate::data::features::parse_safetensors(&bytes).map_err(|m| CheckpointError::Io { file: file.clone(), msg: format!("not a valid safetensors file: {m}") })?;
     let mut host = backend.to_host(&store.values);
     for p in &store.infos {
         let t = st.tensor(&p.name).map_err(|_| CheckpointError::Tensor { file: file.clone(), tensor: p.name.clone(), msg: "missing".into() })?;

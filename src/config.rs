@@ -365,16 +365,30 @@ impl Config {
     /// Reads a TOML file over a base preset: the file's own `preset = "..."` key if it has one, else
     /// `default_preset`; then the file's values.
     pub fn from_file(path: &Path, default_preset: &str) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let before = &bytes[..e.valid_up_to()];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.len() - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+            format!("{}: line {line}, column {column}: invalid UTF-8 (byte 0x{:02x}); expected UTF-8 TOML text",
+                    path.display(), bytes[e.valid_up_to()])
+        })?;
         let mut table: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
         let base = match table.remove("preset") {
             Some(toml::Value::String(p)) => Config::preset(&p).map_err(|e| format!("{}: {e}", path.display()))?,
             Some(v) => return Err(format!("{}: preset must be a string, found {v}", path.display())),
             None => Config::preset(default_preset)?,
         };
-        let mut merged = toml::Value::try_from(&base).map_err(|e| e.to_string())?;
-        merge(&mut merged, toml::Value::Table(table));
-        merged.try_into().map_err(|e: toml::de::Error| format!("{}: {}", path.display(), e.message()))
+        let base = toml::Value::try_from(&base).map_err(|e| e.to_string())?;
+        let mut merged = base.clone();
+        merge(&mut merged, toml::Value::Table(table.clone()));
+        merged.try_into().map_err(|e: toml::de::Error| {
+            // serde's message names the field but not where it sits ("unknown field `epochs`"); say which key.
+            match culprit(&base, &table) {
+                Some(key) => format!("{}: key `{key}`: {}", path.display(), e.message()),
+                None => format!("{}: {}", path.display(), e.message()),
+            }
+        })
     }
 
     /// Applies `section.key=value` overrides (TOML syntax for the value; bare words are strings).
@@ -393,6 +407,10 @@ impl Config {
                 patch = toml::Value::Table(t);
             }
             merge(&mut merged, patch);
+            // Checked after each one so that the error names the override at fault.
+            if let Err(e) = merged.clone().try_into::<Config>() {
+                return Err(format!("override {o:?}: {}", e.message()));
+            }
         }
         *self = merged.try_into().map_err(|e: toml::de::Error| format!("override: {}", e.message()))?;
         Ok(())
@@ -415,6 +433,51 @@ fn kang_sasrec(c: &mut Config, hidden: usize, heads: usize, max_len: usize) {
     c.train.weight_decay = 0.0;
     c.train.clip_norm = 0.0;
     c.train.patience = 0;
+}
+
+/// The dotted key of `file` whose value the configuration rejects: each key is merged onto `base` alone,
+/// descending into a table of the configuration while it alone still fails (an unknown table is itself the
+/// culprit). `None` when no single key fails on its own.
+fn culprit(base: &toml::Value, file: &toml::Table) -> Option<String> {
+    let fails = |path: &[String], value: &toml::Value| {
+        let mut patch = value.clone();
+        for part in path.iter().rev() {
+            let mut t = toml::Table::new();
+            t.insert(part.clone(), patch);
+            patch = toml::Value::Table(t);
+        }
+        let mut v = base.clone();
+        merge(&mut v, patch);
+        v.try_into::<Config>().is_err()
+    };
+    let known_table = |path: &[String]| {
+        let mut v = base;
+        for part in path {
+            match v.get(part) {
+                Some(next) => v = next,
+                None => return false,
+            }
+        }
+        v.is_table()
+    };
+    let mut path: Vec<String> = Vec::new();
+    let mut table = file;
+    'descend: loop {
+        for (k, v) in table {
+            path.push(k.clone());
+            if fails(&path, v) {
+                match v {
+                    toml::Value::Table(t) if !t.is_empty() && known_table(&path) => {
+                        table = t;
+                        continue 'descend;
+                    }
+                    _ => return Some(path.join(".")),
+                }
+            }
+            path.pop();
+        }
+        return if path.is_empty() { None } else { Some(path.join(".")) };
+    }
 }
 
 fn merge(base: &mut toml::Value, patch: toml::Value) {
@@ -449,6 +512,11 @@ mod tests {
         assert_eq!(c.sasrec.norm, NormPlacement::Post);
         assert_eq!(c.data.source, "foo/bar");
         assert!(c.apply_overrides(&["train.epochz=3".into()]).unwrap_err().contains("epochz"));
+        // The error names the override at fault, and a failed call changes nothing.
+        let before = c.clone();
+        let e = c.apply_overrides(&["train.epochs=4".into(), "sasrec.norm=middle".into()]).unwrap_err();
+        assert!(e.starts_with("override \"sasrec.norm=middle\": unknown variant `middle`"), "{e}");
+        assert_eq!(c, before);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct FeatureReport {
 /// How many missing ids a [`FeatureReport`] lists.
 pub const MAX_LISTED: usize = 64;
 
+/// Widest feature row accepted (text and image embeddings have hundreds to a few thousand columns).
+pub const MAX_FEATURE_DIM: usize = 1 << 16;
+
 impl std::fmt::Display for FeatureReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -184,8 +187,9 @@ pub fn read_npy(path: &Path) -> Result<Array, DataError> {
     } else {
         hb.iter().map(|&b| b as char).collect() // latin-1
     };
+    // The header is shown cut short: it may be up to MAX_NPY_HEADER bytes of anything.
     let h = parse_npy_header(&header)
-        .map_err(|m| err(format!("bad .npy header {:?}: {m}", header.trim_end())))?;
+        .map_err(|m| err(format!("bad .npy header {}: {m}", shorten(&format!("{:?}", header.trim_end())))))?;
 
     let dtype = match h.descr.as_str() {
         "<f4" => Dtype::F32,
@@ -297,7 +301,8 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                 out.push(Tok::Close(c));
                 i += 1
             }
-            '[' => return Err("structured (record) dtypes are not supported".into()),
+            // Lists occur in headers only as structured dtypes; say both, as the list may be elsewhere.
+            '[' => return Err("found a list '[...]' (structured (record) dtypes are not supported; expected a dict of descr, fortran_order, shape)".into()),
             ':' => {
                 out.push(Tok::Colon);
                 i += 1
@@ -426,9 +431,125 @@ fn parse_npy_header(s: &str) -> Result<NpyHeader, String> {
 /// Reads tensor `name` (F32, I64 or I32) from a safetensors file.
 pub fn read_safetensors(path: &Path, name: &str) -> Result<Array, DataError> {
     let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| file_err(path, format!("not a valid safetensors file: {e}")))?;
+    let st = parse_safetensors(&bytes)
+        .map_err(|m| file_err(path, format!("not a valid safetensors file: {m}")))?;
     tensor_of(&st, path, name)
+}
+
+/// Largest safetensors header accepted (the `safetensors` crate's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Parses a safetensors file held in memory, after checking what the `safetensors` crate (0.4) trusts.
+///
+/// The crate adds the declared data end to the header length unchecked: a tensor whose `data_offsets` end
+/// near `usize::MAX` (with a shape to match) overflows that sum, a panic wherever overflow checks are on
+/// (debug builds; tests/bad_inputs/st-offsets-overflow-usize.safetensors). So every tensor's offsets are
+/// checked against the data section here first, and its byte span against its shape and dtype, naming the
+/// tensor. The crate's own errors are Debug names (`InvalidOffset("w")`), so they
+/// are translated into what was expected. The error is the message without the file name; callers add it.
+pub fn parse_safetensors(bytes: &[u8]) -> Result<safetensors::SafeTensors<'_>, String> {
+    use safetensors::SafeTensorError as E;
+    let len = bytes.len() as u64;
+    if len < 8 {
+        return Err(format!(
+            "{len} bytes, shorter than the 8-byte header length that starts a safetensors file"
+        ));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    if n > MAX_SAFETENSORS_HEADER {
+        return Err(format!(
+            "declared header length {n} exceeds the {MAX_SAFETENSORS_HEADER}-byte limit"
+        ));
+    }
+    if n > len - 8 {
+        return Err(format!(
+            "declared header length {n} runs past the end of the file ({len} bytes)"
+        ));
+    }
+    let data_len = len - 8 - n;
+    let header = std::str::from_utf8(&bytes[8..8 + n as usize])
+        .map_err(|e| format!("the header is not valid UTF-8 (byte {} of the header)", e.valid_up_to()))?;
+    let expected_json = "expected a JSON object {\"name\": {\"dtype\": ..., \"shape\": [...], \"data_offsets\": [begin, end]}, ...}";
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header)
+        .map_err(|e| format!("the header is not valid JSON ({e}); {expected_json}"))?;
+    for (name, info) in &json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let (Some(dtype), Some(shape), Some(offsets)) = (
+            info.get("dtype").and_then(|d| d.as_str()),
+            info.get("shape").and_then(|s| s.as_array()),
+            info.get("data_offsets").and_then(|o| o.as_array()),
+        ) else {
+            return Err(format!(
+                "tensor {name:?}: expected \"dtype\", \"shape\" and \"data_offsets\" entries, found {}",
+                shorten(&info.to_string())
+            ));
+        };
+        let (Some(begin), Some(end)) = (
+            offsets.first().and_then(|v| v.as_u64()),
+            offsets.get(1).and_then(|v| v.as_u64()),
+        ) else {
+            return Err(format!(
+                "tensor {name:?}: data_offsets {} are not two non-negative integers",
+                shorten(&serde_json::Value::Array(offsets.clone()).to_string())
+            ));
+        };
+        if offsets.len() != 2 || begin > end || end > data_len {
+            return Err(format!(
+                "tensor {name:?}: data_offsets [{begin}, {end}] are outside the {data_len} data bytes after the header \
+                 (expected begin <= end <= {data_len})"
+            ));
+        }
+        let elem_size: u64 = match dtype {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+            "I16" | "U16" | "F16" | "BF16" => 2,
+            "I32" | "U32" | "F32" => 4,
+            "I64" | "U64" | "F64" => 8,
+            d => return Err(format!("tensor {name:?}: unknown dtype {d:?}")),
+        };
+        let dims: Option<Vec<u64>> = shape.iter().map(|d| d.as_u64()).collect();
+        let Some(dims) = dims else {
+            return Err(format!(
+                "tensor {name:?}: shape {} is not a list of non-negative integers",
+                shorten(&serde_json::Value::Array(shape.clone()).to_string())
+            ));
+        };
+        let nbytes = dims
+            .iter()
+            .try_fold(elem_size, |a, &d| a.checked_mul(d))
+            .filter(|&b| b <= data_len);
+        if nbytes != Some(end - begin) {
+            return Err(format!(
+                "tensor {name:?}: shape {dims:?} of {dtype} needs {} bytes, but its data_offsets [{begin}, {end}] span {}",
+                nbytes.map_or("more than the file's".to_string(), |b| b.to_string()),
+                end - begin
+            ));
+        }
+    }
+    safetensors::SafeTensors::deserialize(bytes).map_err(|e| match e {
+        E::InvalidOffset(name) => format!(
+            "tensor {name:?}: its data does not start where the previous tensor's ends \
+             (expected the tensors' data_offsets to tile the data section without gaps or overlaps)"
+        ),
+        E::MetadataIncompleteBuffer => format!(
+            "the tensors' data does not cover the {data_len} data bytes after the header exactly \
+             (expected the last tensor to end at the end of the file)"
+        ),
+        E::InvalidHeaderDeserialization => {
+            format!("the header is not a valid safetensors header; {expected_json}")
+        }
+        other => format!("{other}"),
+    })
+}
+
+/// A piece of untrusted text for a message, cut at 80 characters.
+fn shorten(s: &str) -> String {
+    if s.chars().count() > 80 {
+        format!("{}...", s.chars().take(80).collect::<String>())
+    } else {
+        s.to_string()
+    }
 }
 
 fn tensor_of(st: &safetensors::SafeTensors, path: &Path, name: &str) -> Result<Array, DataError> {
@@ -472,8 +593,8 @@ fn tensor_of(st: &safetensors::SafeTensors, path: &Path, name: &str) -> Result<A
 fn read_single(path: &Path) -> Result<Array, DataError> {
     if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
         let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| file_err(path, format!("not a valid safetensors file: {e}")))?;
+        let st = parse_safetensors(&bytes)
+            .map_err(|m| file_err(path, format!("not a valid safetensors file: {m}")))?;
         let names = st.names();
         if names.len() != 1 {
             return Err(file_err(
@@ -559,6 +680,28 @@ pub fn align_features(
             ),
         )),
     };
+    // The output table is `(ids in the data set + 1) * dim` values whatever the file holds, so `dim` is
+    // bounded here: a file of zero rows can declare any width without holding a byte (a `(0, 2**40)` shape
+    // would ask for terabytes), and one wide row multiplies with every id of the data set.
+    if n == 0 {
+        return Err(file_err(
+            rows_file,
+            format!("no feature rows (shape {:?}); expected at least one row", rows.shape),
+        ));
+    }
+    if dim > MAX_FEATURE_DIM {
+        return Err(file_err(
+            rows_file,
+            format!("rows of {dim} values; expected at most {MAX_FEATURE_DIM} columns"),
+        ));
+    }
+    // Arrays built in memory (this function is public) may disagree with their own shape.
+    if values.len() != n * dim {
+        return Err(file_err(
+            rows_file,
+            format!("shape [{n}, {dim}] but {} values", values.len()),
+        ));
+    }
     if id_values.len() != n {
         return Err(file_err(
             rows_file,
@@ -588,6 +731,13 @@ pub fn align_features(
             ));
         }
         first_row.insert(id, i);
+        // The interaction readers refuse negative ids, so a negative one here can only be corruption.
+        if id < 0 {
+            return Err(file_err(
+                ids_file,
+                format!("row {i}: id {id} is negative (expected non-negative ids)"),
+            ));
+        }
         let Some(&k) = dense_of.get(id.to_string().as_str()) else {
             ignored += 1;
             continue;

@@ -492,6 +492,25 @@ fn id<'a>(
             ),
         ));
     }
+    // Ids are tokens, but a token that reads as an integer must be one the rest of the engine can use as
+    // one: feature id files hold int64 ids (and may not be negative), and one id past i64 would silently
+    // switch the whole file from numeric to text order of the dense ids ("10" before "9").
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (s.starts_with('-') || s.parse::<i64>().is_err())
+    {
+        return Err(parse_error(
+            file,
+            line,
+            format!(
+                "field {} ({name}): expected a non-negative integer id of at most {} (int64), found {}",
+                k + 1,
+                i64::MAX,
+                shown(raw)
+            ),
+        ));
+    }
     Ok(s)
 }
 
