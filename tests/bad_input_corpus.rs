@@ -14,6 +14,8 @@ use ur4rec_engine::data::features::{load_features, load_features_safetensors, re
 use ur4rec_engine::data::{load, parse_format, DataError, LoadOptions};
 use ur4rec_engine::params::{Init, ParamBuilder};
 use ur4rec_engine::rng::Rng;
+use ur4rec_engine::train::optim::AdamW;
+use ur4rec_engine::train::resume::ResumeFile;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +129,28 @@ fn run_case(case: &Case, path: &Path) -> Outcome {
                     plain(Err(e.to_string()))
                 }
             }
+        }
+        "resume" => {
+            let be = CpuBackend::new();
+            let mut rng = Rng::new(1);
+            let mut b = ParamBuilder::new();
+            b.add("g", "w", &[2, 3], Init::Zeros, &mut rng);
+            b.add("g", "b", &[3], Init::Zeros, &mut rng);
+            let mut store = b.build(&be);
+            let mut opt = AdamW::new(2, 0.9, 0.999, 1e-8, 0.0);
+            let r = ResumeFile::open(path).and_then(|f| {
+                let info = f.info()?;
+                f.restore_params(&be, &mut store, &mut opt)?;
+                let order = f.permutation("order", 5)?;
+                Ok((info.step, order))
+            });
+            plain(r.map(|(step, order)| {
+                // ok-resume.safetensors: step 7, order [3, 1, 4, 0, 2], w trainable, b frozen.
+                assert_eq!((step, order), (7, vec![3, 1, 4, 0, 2]));
+                assert_eq!(be.to_host(&store.values), vec![1., 2., 3., 4., 5., 6., 0.1, 0.2, 0.3]);
+                assert_eq!(opt.steps, vec![7, 7]);
+                assert_eq!(store.infos.iter().map(|p| p.trainable).collect::<Vec<_>>(), vec![true, false]);
+            }).map_err(|e| format!("{e:#}")))
         }
         "config" => plain(
             Config::from_file(path, "default")

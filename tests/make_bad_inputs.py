@@ -56,6 +56,29 @@ OK_ROWS = f32(0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # 3 x 2
 OK_IDS = i64(1, 2, 3)
 ok_ckpt_tensors = [("b", "F32", [3], f32(0.1, 0.2, 0.3)), ("w", "F32", [2, 3], f32(1, 2, 3, 4, 5, 6))]
 
+def resume(version="1", header="default", drop=None, replace=None):
+    """A resume checkpoint for a store of w [2, 3] and b [3] (format ur4rec-engine-resume), optionally with a
+    tensor dropped or replaced (name, dtype, shape, bytes)."""
+    tensors = [
+        ("param/w", "F32", [2, 3], f32(1, 2, 3, 4, 5, 6)), ("param/b", "F32", [3], f32(0.1, 0.2, 0.3)),
+        ("adam_m/w", "F32", [2, 3], f32(*[0.01] * 6)), ("adam_m/b", "F32", [3], f32(*[0.02] * 3)),
+        ("adam_v/w", "F32", [2, 3], f32(*[0.001] * 6)), ("adam_v/b", "F32", [3], f32(*[0.002] * 3)),
+        ("adam_steps", "U64", [2], struct.pack("<2Q", 7, 7)), ("trainable", "U8", [2], bytes([1, 0])),
+        ("order", "U32", [5], struct.pack("<5I", 3, 1, 4, 0, 2)),
+    ]
+    tensors = [t for t in tensors if t[0] != drop]
+    if replace is not None:
+        tensors = [replace if t[0] == replace[0] else t for t in tensors]
+    if header == "default":
+        header = json.dumps({"trainer": "sasrec", "config": "seed = 42\n", "metrics_bytes": 0, "step": 7, "state": {},
+                             "data": {"dataset": "synthetic", "fingerprint": "abc", "users": 10, "items": 20,
+                                      "eval_negatives_fingerprint": "def"}}, separators=(",", ":"))
+    meta = {"format": "ur4rec-engine-resume", "version": version}
+    if header is not None:
+        meta["header"] = header
+    return st(tensors, metadata=meta)
+
+
 files = {
     # --- interaction files (data::load) ---
     "ok-ratings.data": b"1\t10\t5\t100\n1\t11\t4\t101\n2\t10\t3\t102\n",
@@ -138,6 +161,20 @@ files = {
     "ckpt-missing-tensor.safetensors": st(ok_ckpt_tensors[1:]),
     "ckpt-unknown-tensor.safetensors": st(ok_ckpt_tensors + [("z", "F32", [1], f32(0))]),
     "ckpt-offsets-overlapping.safetensors": st([("b", "F32", [3], f32(0.1, 0.2, 0.3), [0, 12]), ("w", "F32", [2, 3], f32(1, 2, 3, 4, 5, 6), [8, 32])], trailing=b"\0" * 8),
+    # --- resume checkpoints (train::resume::ResumeFile: open, header, restore into w [2, 3] and b [3], order) ---
+    "ok-resume.safetensors": resume(),
+    "resume-truncated.safetensors": resume()[:-7],
+    "resume-plain-checkpoint.safetensors": st(ok_ckpt_tensors, metadata={"step": "7"}),
+    "resume-newer-version.safetensors": resume(version="2"),
+    "resume-version-not-a-number.safetensors": resume(version="one"),
+    "resume-header-missing.safetensors": resume(header=None),
+    "resume-header-bad-json.safetensors": resume(header='{"trainer": "sasrec", '),
+    "resume-moment-missing.safetensors": resume(drop="adam_v/b"),
+    "resume-moment-wrong-shape.safetensors": resume(replace=("adam_m/w", "F32", [3, 2], f32(*[0.01] * 6))),
+    "resume-steps-wrong-dtype.safetensors": resume(replace=("adam_steps", "U32", [2], struct.pack("<2I", 7, 7))),
+    "resume-trainable-flag-2.safetensors": resume(replace=("trainable", "U8", [2], bytes([2, 1]))),
+    "resume-order-not-permutation.safetensors": resume(replace=("order", "U32", [5], struct.pack("<5I", 0, 0, 1, 2, 3))),
+    "resume-order-out-of-range.safetensors": resume(replace=("order", "U32", [5], struct.pack("<5I", 0, 1, 2, 3, 99))),
     # --- TOML configuration (config::Config::from_file) ---
     "ok-config.toml": b"preset = \"sasrec\"\n[train]\nepochs = 3\n",
     "config-unknown-key.toml": b"[train]\nepochs = 3\nepochz = 4\n",
@@ -176,6 +213,7 @@ seeds = {
     "safetensors_features": {"features": files["ok-features.safetensors"],
                              "rows-only": st([("rows", "F32", [3, 2], OK_ROWS)])},
     "checkpoint": {"ok": files["ok-checkpoint.safetensors"]},
+    "resume": {"ok": files["ok-resume.safetensors"]},
     "config": {"sasrec": files["ok-config.toml"],
                "full": b"seed = 1\npipeline = \"ur4rec\"\n[data]\nmin_rating = 4.0\n[ur4rec]\nstage_epochs = [1, 1, 1, 1]\nunfreeze = [\"2:sasrec\"]\n[ur4rec.features]\nitem_text = \"a.npy\"\n",
                "overrides": b"[train]\nepochs = 3\n\x00train.lr=5e-4\nsasrec.norm=post\n"},

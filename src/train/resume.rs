@@ -15,6 +15,7 @@
 //! the recorded configuration and names the file and tensor in every error.
 use crate::backend::Backend;
 use crate::checkpoint::write_atomic;
+use crate::data::features::parse_safetensors;
 use crate::config::Config;
 use crate::params::ParamStore;
 use crate::report::RunDir;
@@ -167,6 +168,10 @@ impl ResumeFile {
     /// Reads the file and checks its format and version.
     pub fn open(path: &Path) -> Result<ResumeFile> {
         let bytes = std::fs::read(path).with_context(|| format!("reading the resume checkpoint {}", path.display()))?;
+        // The header and every tensor's span are checked before the safetensors crate reads them (it adds
+        // declared offsets unchecked; see `features::parse_safetensors`), so a torn or hand-edited file fails
+        // here, with its name, and not mid-run.
+        parse_safetensors(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         let (_, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
@@ -180,8 +185,6 @@ impl ResumeFile {
             bail!("{}: resume format version {version}; this engine reads version {VERSION}", path.display());
         }
         let header = meta.get("header").cloned().with_context(|| format!("{}: metadata header missing", path.display()))?;
-        // The tensors are checked now too, so a torn or hand-edited file fails here and not mid-run.
-        SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         Ok(ResumeFile { path: path.to_path_buf(), bytes, header })
     }
 
@@ -199,7 +202,7 @@ impl ResumeFile {
 
     /// The raw bytes of tensor `name`, which must have `dtype` and `shape`.
     fn raw(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<Vec<u8>> {
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| anyhow::anyhow!("{}: {e}", self.file()))?;
+        let st = parse_safetensors(&self.bytes).map_err(|e| anyhow::anyhow!("{}: {e}", self.file()))?;
         let t = st.tensor(name).map_err(|_| anyhow::anyhow!("{}: tensor {name:?} missing", self.file()))?;
         if t.dtype() != dtype || t.shape() != shape {
             bail!("{}: tensor {name:?} is {:?} {:?}, expected {dtype:?} {shape:?}", self.file(), t.dtype(), t.shape());
