@@ -141,6 +141,11 @@ impl<'a, B: Backend> Tape<'a, B> {
     pub fn scalar(&self, v: Var) -> f32 {
         self.backend.read_scalar(&self.nodes[v.0].value)
     }
+    /// The values of several scalar variables, read back together ([`Backend::read_scalars`]).
+    pub fn scalars(&self, vs: &[Var]) -> Vec<f32> {
+        let bufs: Vec<&B::Buf> = vs.iter().map(|v| &self.nodes[v.0].value).collect();
+        self.backend.read_scalars(&bufs)
+    }
     /// Gradient of a `leaf` after `backward`.
     pub fn grad(&self, v: Var) -> Option<Vec<f32>> {
         self.nodes[v.0].grad.as_ref().map(|g| self.backend.to_host(g))

@@ -79,6 +79,11 @@ fn storage_ops<B: Backend>(b: &B) -> Outputs {
         let y0 = rand(&mut rng, n);
         out(b, &mut o, format!("from_host{n}"), &x, EXACT);
         out(b, &mut o, format!("zeros{n}"), &b.zeros(n), EXACT);
+        // Several first elements in one read: the same values as one read each.
+        let others = [b.from_host(&rand(&mut rng, 1)), b.from_host(&rand(&mut rng, 3))];
+        let together = b.read_scalars(&[&x, &others[0], &others[1]]);
+        assert_eq!(together, vec![b.read_scalar(&x), b.read_scalar(&others[0]), b.read_scalar(&others[1])]);
+        o.push((format!("read_scalars{n}"), together, EXACT));
         let off = n / 3;
         let len = n - off;
         out(b, &mut o, format!("copy_range{n}"), &b.copy_range(&x, off, len), EXACT);

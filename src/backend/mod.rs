@@ -202,4 +202,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// The first element, on the host. (`log det(G)` is computed by the tape through a Cholesky
     /// factorisation on the host — the matrices are batch-sized — so it needs no backend op.)
     fn read_scalar(&self, x: &Self::Buf) -> f32;
+    /// The first element of each buffer, read back together: one synchronisation on the GPU.
+    fn read_scalars(&self, xs: &[&Self::Buf]) -> Vec<f32> {
+        xs.iter().map(|x| self.read_scalar(x)).collect()
+    }
 }

@@ -84,7 +84,7 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
     ensure!((2..=4).contains(&stage), "joint_losses: stage {stage} (stage 1 is objective::sasrec_objective)");
     ensure!(n > 0 && batch.cands.len() == n * j, "joint_losses: {} candidates for {n} users × {j}", batch.cands.len());
     let w = set.weights;
-    let mut l = StepLosses::default();
+    let mut read = TermVars::default();
     let mut terms: Vec<Var> = Vec::new();
     // SASRec: BPR of the last training item against the negatives (needed in stages 3–4, and for KD).
     let s = if stage >= 3 {
@@ -98,7 +98,7 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
         let neg_idx: Vec<u32> = (0..n).flat_map(|_| 1..j as u32).collect();
         let neg = tape.gather_cols(s, &neg_idx, k);
         let bpr = tape.bpr(pos, neg);
-        l.sasrec = tape.scalar(bpr);
+        read.sasrec = Some(bpr);
         terms.push(tape.scale(bpr, cfg.sasrec_weight));
         Some(s)
     } else {
@@ -119,13 +119,13 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
         RetrievalLoss::Softmax => tape.cross_entropy(r, &vec![0; n]),
     };
     let ret = if set.poison_retrieval { tape.scale(ret, f32::NAN) } else { ret };
-    l.retrieval = tape.scalar(ret);
+    read.retrieval = Some(ret);
     terms.push(tape.scale(ret, cfg.retrieval_weight));
     let mut enqueue = None;
     if let Some(v) = uv.visual {
         // Modality consistency, contrastive InfoNCE (symmetric), LogDet diversity of the fused vectors.
         let cons = tape.mse(uv.text, v);
-        l.consistency = tape.scalar(cons);
+        read.consistency = Some(cons);
         let (bank_t, bank_v): (&[f32], &[f32]) = match set.banks {
             Some((bt, bv)) => (&bt.keys, &bv.keys),
             None => (&[], &[]),
@@ -138,12 +138,12 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
         let vt = tape.infonce_bank(v, uv.text, bank_t, users_t, &batch.users, cfg.contrastive_tau);
         let ctr = tape.add(tv, vt);
         let ctr = tape.scale(ctr, 0.5);
-        l.contrastive = tape.scalar(ctr);
+        read.contrastive = Some(ctr);
         let g = tape.matmul(uv.fused, uv.fused, false, true);
         let g = tape.add_identity(g, cfg.diversity_eps);
         let ld = tape.logdet(g);
         let div = tape.scale(ld, -1.0);
-        l.diversity = tape.scalar(div);
+        read.diversity = Some(div);
         if w.consistency > 0.0 { terms.push(tape.scale(cons, w.consistency)); }
         if w.contrastive > 0.0 { terms.push(tape.scale(ctr, w.contrastive)); }
         if w.diversity > 0.0 { terms.push(tape.scale(div, w.diversity)); }
@@ -172,13 +172,36 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
         let b = tape.scale(to_r, c_r as f32);
         let sum = tape.add(a, b);
         let kdl = tape.scale(sum, t * t);
-        l.distillation = tape.scalar(kdl);
+        read.distillation = Some(kdl);
         terms.push(tape.scale(kdl, kd.weight));
     }
     let mut total = terms[0];
     for &t in &terms[1..] {
         total = tape.add(total, t);
     }
-    l.total = tape.scalar(total);
+    let l = read.read(tape, total);
     Ok(JointOutput { total, losses: l, sasrec_scores: s, retriever_scores: r, enqueue })
+}
+
+/// The loss terms' tape variables, read back to the host together at the end of the step: one device
+/// synchronisation for all of them instead of one per term.
+#[derive(Default)]
+struct TermVars {
+    sasrec: Option<Var>,
+    retrieval: Option<Var>,
+    consistency: Option<Var>,
+    contrastive: Option<Var>,
+    diversity: Option<Var>,
+    distillation: Option<Var>,
+}
+
+impl TermVars {
+    fn read<B: Backend>(&self, tape: &Tape<B>, total: Var) -> StepLosses {
+        let fields = [self.sasrec, self.retrieval, self.consistency, self.contrastive, self.diversity, self.distillation];
+        let vars: Vec<Var> = fields.iter().flatten().copied().chain([total]).collect();
+        let mut values = tape.scalars(&vars).into_iter();
+        let mut next = |v: Option<Var>| v.map(|_| values.next().expect("one value per variable")).unwrap_or(0.0);
+        let [sasrec, retrieval, consistency, contrastive, diversity, distillation] = fields.map(&mut next);
+        StepLosses { total: next(Some(total)), sasrec, retrieval, consistency, contrastive, diversity, distillation }
+    }
 }

@@ -2,8 +2,8 @@
 //!
 //! Storage is `CudaSlice<f32>` / `CudaSlice<u32>` on one stream; cuBLAS does `gemm`, the kernels in
 //! `kernels/*.cu` (compiled by NVRTC, see `kernels.rs`) do everything else. Nothing here synchronises
-//! with the host except the methods whose signature returns host data (`to_host`, `read_scalar`,
-//! `sum_squares`); 1-element loss buffers and upstream gradients stay on the device.
+//! with the host except the methods whose signature returns host data (`to_host`, `read_scalar(s)`,
+//! `sum_squares(_many)`); 1-element loss buffers and upstream gradients stay on the device.
 //!
 //! Error policy: `CudaBackend::new` never panics (no GPU, no driver, no NVRTC or a kernel that fails to
 //! compile are all `Err`). The `Backend` methods have no error channel (the CPU twin asserts on bad
@@ -862,6 +862,21 @@ impl Backend for CudaBackend {
     }
     fn read_scalar(&self, x: &CudaSlice<f32>) -> f32 {
         check(self.stream.clone_dtoh(&x.slice(0..1)), "read_scalar")[0]
+    }
+
+    fn read_scalars(&self, xs: &[&CudaSlice<f32>]) -> Vec<f32> {
+        if xs.is_empty() {
+            return Vec::new();
+        }
+        // Device-to-device copies into one array (ordered on the stream), then a single readback.
+        let mut packed = self.zeros(xs.len());
+        for (i, x) in xs.iter().enumerate() {
+            assert!(!x.is_empty(), "read_scalars: buffer {i} is empty");
+            check(self.stream.memcpy_dtod(&x.slice(0..1), &mut packed.slice_mut(i..i + 1)), "read_scalars");
+        }
+        let mut host = check(self.stream.clone_dtoh(&packed), "read_scalars readback");
+        host.truncate(xs.len());
+        host
     }
 }
 
