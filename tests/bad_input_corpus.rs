@@ -12,7 +12,7 @@ use ur4rec_engine::checkpoint::load_params;
 use ur4rec_engine::config::Config;
 use ur4rec_engine::data::features::{load_features, load_features_safetensors, read_npy};
 use ur4rec_engine::data::{load, parse_format, DataError, LoadOptions};
-use ur4rec_engine::params::{Init, ParamBuilder};
+use ur4rec_engine::params::{Init, ParamBuilder, ParamStore};
 use ur4rec_engine::rng::Rng;
 use ur4rec_engine::train::optim::AdamW;
 use ur4rec_engine::train::resume::ResumeFile;
@@ -110,11 +110,7 @@ fn run_case(case: &Case, path: &Path) -> Outcome {
         ),
         "checkpoint" => {
             let be = CpuBackend::new();
-            let mut rng = Rng::new(1);
-            let mut b = ParamBuilder::new();
-            b.add("g", "w", &[2, 3], Init::Zeros, &mut rng);
-            b.add("g", "b", &[3], Init::Zeros, &mut rng);
-            let mut store = b.build(&be);
+            let mut store = two_param_store(&be);
             let r = load_params(&be, &mut store, path);
             let values = be.to_host(&store.values);
             match r {
@@ -132,11 +128,7 @@ fn run_case(case: &Case, path: &Path) -> Outcome {
         }
         "resume" => {
             let be = CpuBackend::new();
-            let mut rng = Rng::new(1);
-            let mut b = ParamBuilder::new();
-            b.add("g", "w", &[2, 3], Init::Zeros, &mut rng);
-            b.add("g", "b", &[3], Init::Zeros, &mut rng);
-            let mut store = b.build(&be);
+            let mut store = two_param_store(&be);
             let mut opt = AdamW::new(2, 0.9, 0.999, 1e-8, 0.0);
             let r = ResumeFile::open(path).and_then(|f| {
                 let info = f.info()?;
@@ -163,6 +155,16 @@ fn run_case(case: &Case, path: &Path) -> Outcome {
         ),
         other => panic!("{}: unknown reader {other:?} in MANIFEST.toml", case.file),
     }
+}
+
+/// The store the checkpoint and resume files of the corpus are for: f32 parameters `w [2, 3]` and `b [3]`,
+/// all zero.
+fn two_param_store(be: &CpuBackend) -> ParamStore<CpuBackend> {
+    let mut rng = Rng::new(1);
+    let mut b = ParamBuilder::new();
+    b.add("g", "w", &[2, 3], Init::Zeros, &mut rng);
+    b.add("g", "b", &[3], Init::Zeros, &mut rng);
+    b.build(be)
 }
 
 #[test]

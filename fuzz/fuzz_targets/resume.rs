@@ -4,11 +4,9 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use ur4rec_engine::backend::CpuBackend;
-use ur4rec_engine::params::{Init, ParamBuilder};
-use ur4rec_engine::rng::Rng;
 use ur4rec_engine::train::optim::AdamW;
 use ur4rec_engine::train::resume::{BankMeta, ResumeFile};
-use ur4rec_engine_fuzz::{assert_names_file, scratch_file};
+use ur4rec_engine_fuzz::{assert_names_file, scratch_file, two_param_store};
 
 fuzz_target!(|data: &[u8]| {
     let path = scratch_file("resume.safetensors", data);
@@ -21,12 +19,7 @@ fuzz_target!(|data: &[u8]| {
         check(e);
     }
     let be = CpuBackend::new();
-    let mut rng = Rng::new(1);
-    let mut b = ParamBuilder::new();
-    // Names and shapes the seed uses (fuzz/seeds/resume).
-    b.add("g", "w", &[2, 3], Init::Zeros, &mut rng);
-    b.add("g", "b", &[3], Init::Zeros, &mut rng);
-    let mut store = b.build(&be);
+    let mut store = two_param_store(&be);
     let mut opt = AdamW::new(2, 0.9, 0.999, 1e-8, 0.0);
     if let Err(e) = file.restore_params(&be, &mut store, &mut opt) {
         check(e);

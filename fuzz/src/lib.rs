@@ -26,3 +26,13 @@ pub fn assert_names_file(msg: &str, file: &std::path::Path) {
     let shown = file.display().to_string();
     assert!(msg.contains(&shown), "error does not name the file {shown}: {msg}");
 }
+
+/// The parameter store the checkpoint and resume seeds are for: f32 `w [2, 3]` and `b [3]`, all zero.
+pub fn two_param_store(be: &ur4rec_engine::backend::CpuBackend) -> ur4rec_engine::params::ParamStore<ur4rec_engine::backend::CpuBackend> {
+    use ur4rec_engine::params::{Init, ParamBuilder};
+    let mut rng = ur4rec_engine::rng::Rng::new(1);
+    let mut b = ParamBuilder::new();
+    b.add("g", "w", &[2, 3], Init::Zeros, &mut rng);
+    b.add("g", "b", &[3], Init::Zeros, &mut rng);
+    b.build(be)
+}
