@@ -36,6 +36,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// One row's max and Σ exp(x − max), for a warp walking the row in lane strides; every lane gets both. The
+// softmax, log-softmax, cross-entropy and KL kernels (forward and backward) all start from it, so they sum
+// in the same order.
+struct RowExp {
+    float mx;
+    float s;
+};
+__device__ __forceinline__ RowExp warp_row_exp(const float* xr, unsigned int cols, unsigned int lane) {
+    float mx = NEG_INF;
+    for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
+    mx = warp_max(mx);
+    float s = 0.0f;
+    for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
+    return RowExp{mx, warp_sum(s)};
+}
+
 // Tree reduction of one double per thread over a BLOCK-thread block, in a fixed order (deterministic);
 // the result is valid in thread 0.
 __device__ double block_sum_d(double v) {

@@ -74,12 +74,8 @@ extern "C" __global__ void cross_entropy_rows_f32(float* rowloss, const float* l
                                                   unsigned int rows, unsigned int cols) {
     WARP_ROWS(r, rows) {
         const float* xr = logits + r * cols;
-        float mx = NEG_INF;
-        for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
-        mx = warp_max(mx);
-        float s = 0.0f;
-        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
-        float lse = mx + logf(warp_sum(s));
+        const RowExp e = warp_row_exp(xr, cols, lane);
+        const float lse = e.mx + logf(e.s);
         unsigned int t = target[r];
         if (lane == 0) rowloss[r] = t < cols ? lse - xr[t] : QNAN;
     }
@@ -92,12 +88,8 @@ extern "C" __global__ void cross_entropy_backward_f32(float* dx, const float* lo
     float scale = dloss[0] / count;
     WARP_ROWS(r, rows) {
         const float* xr = logits + r * cols;
-        float mx = NEG_INF;
-        for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
-        mx = warp_max(mx);
-        float s = 0.0f;
-        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
-        s = warp_sum(s);
+        const RowExp e = warp_row_exp(xr, cols, lane);
+        const float mx = e.mx, s = e.s;
         unsigned int t = target[r];
         float* d = dx + r * cols;
         for (unsigned int i = lane; i < cols; i += 32) {
@@ -115,12 +107,8 @@ extern "C" __global__ void kl_rows_f32(float* rowloss, const float* logits, cons
     WARP_ROWS(r, rows) {
         const float* xr = logits + r * cols;
         const float* tr = teacher + r * cols;
-        float mx = NEG_INF;
-        for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
-        mx = warp_max(mx);
-        float s = 0.0f;
-        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
-        float lse = mx + logf(warp_sum(s));
+        const RowExp e = warp_row_exp(xr, cols, lane);
+        const float lse = e.mx + logf(e.s);
         double acc = 0.0;
         for (unsigned int i = lane; i < cols; i += 32) {
             float p = tr[i];
@@ -138,16 +126,11 @@ extern "C" __global__ void kl_backward_f32(float* dx, const float* logits, const
     WARP_ROWS(r, rows) {
         const float* xr = logits + r * cols;
         const float* tr = teacher + r * cols;
-        float mx = NEG_INF, ts = 0.0f;
-        for (unsigned int i = lane; i < cols; i += 32) {
-            mx = fmaxf(mx, xr[i]);
-            ts += tr[i];
-        }
-        mx = warp_max(mx);
+        float ts = 0.0f;
+        for (unsigned int i = lane; i < cols; i += 32) ts += tr[i];
         ts = warp_sum(ts);
-        float s = 0.0f;
-        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
-        s = warp_sum(s);
+        const RowExp e = warp_row_exp(xr, cols, lane);
+        const float mx = e.mx, s = e.s;
         float* d = dx + r * cols;
         for (unsigned int i = lane; i < cols; i += 32) d[i] += scale * (ts * expf(xr[i] - mx) / s - tr[i]);
     }

@@ -5,12 +5,8 @@
 extern "C" __global__ void softmax_f32(float* y, const float* x, unsigned int rows, unsigned int cols) {
     WARP_ROWS(r, rows) {
         const float* xr = x + r * cols;
-        float mx = NEG_INF;
-        for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
-        mx = warp_max(mx);
-        float s = 0.0f;
-        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
-        s = warp_sum(s);
+        const RowExp e = warp_row_exp(xr, cols, lane);
+        const float mx = e.mx, s = e.s;
         float* yr = y + r * cols;
         for (unsigned int i = lane; i < cols; i += 32) yr[i] = expf(xr[i] - mx) / s;
     }
@@ -33,12 +29,8 @@ extern "C" __global__ void softmax_backward_f32(float* dx, const float* y, const
 extern "C" __global__ void log_softmax_f32(float* y, const float* x, unsigned int rows, unsigned int cols) {
     WARP_ROWS(r, rows) {
         const float* xr = x + r * cols;
-        float mx = NEG_INF;
-        for (unsigned int i = lane; i < cols; i += 32) mx = fmaxf(mx, xr[i]);
-        mx = warp_max(mx);
-        float s = 0.0f;
-        for (unsigned int i = lane; i < cols; i += 32) s += expf(xr[i] - mx);
-        float lse = mx + logf(warp_sum(s));
+        const RowExp e = warp_row_exp(xr, cols, lane);
+        const float lse = e.mx + logf(e.s);
         float* yr = y + r * cols;
         for (unsigned int i = lane; i < cols; i += 32) yr[i] = xr[i] - lse;
     }
