@@ -17,7 +17,6 @@ use ur4rec_engine::data::{self, SyntheticConfig};
 use ur4rec_engine::model::SasRec;
 use ur4rec_engine::params::ParamBuilder;
 use ur4rec_engine::rng::Rng;
-use ur4rec_engine::tape::Tape;
 use ur4rec_engine::train::optim::AdamW;
 use ur4rec_engine::train::strategies::Module;
 use ur4rec_engine::train::trainer::{sasrec_step, PreparedData};
@@ -78,9 +77,8 @@ fn ur4rec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
                            sync: &dyn Fn()) -> f64 {
     let mut tr = Trainer::new(be, cfg, data).expect("UR4Rec trainer");
     tr.set_stage_trainable(4, Module::Sasrec);
-    let t = &cfg.train;
-    let mut opt = AdamW::new(tr.store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
-    let lrs: Vec<f32> = tr.store.groups.iter().map(|g| if g.name == "sasrec" { t.lr } else { cfg.ur4rec.retriever_lr }).collect();
+    // The learning rates of a step well past warm-up of a long stage 4.
+    let lrs = tr.lrs(4, 1_000, 100_000);
     let n = data.split.train.len();
     let mut seqs = 0usize;
     let mut t0 = Instant::now();
@@ -91,13 +89,10 @@ fn ur4rec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
             seqs = 0;
         }
         let users = batch_users(s, bsz, n);
-        let mut tape = Tape::new(be, cfg.seed, s as u64);
-        let (loss, l, _enqueue) = tr.losses(&mut tape, 4, &users).expect("UR4Rec losses").expect("a non-empty batch");
-        assert!(l.total.is_finite(), "non-finite UR4Rec loss at step {s}: {l:?}");
-        tr.store.zero_grads(be);
-        tape.backward(loss, &mut tr.store.grads);
-        drop(tape);
-        opt.step(be, &mut tr.store, &lrs, t.clip_norm);
+        // The trainer's own step: losses, backward, the non-finite guard, AdamW and the memory-bank enqueue.
+        let r = tr.train_step(4, &users, &lrs).expect("UR4Rec step").expect("a non-empty batch");
+        assert!(r.skipped.is_none(), "non-finite UR4Rec step {s}: {:?}", r.skipped);
+        tr.step += 1;
         seqs += users.len();
     }
     sync();
