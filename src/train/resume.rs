@@ -73,15 +73,8 @@ pub struct Header<S> {
     pub state: S,
 }
 
-/// The part of the header every reader needs before it knows the trainer's state type.
-#[derive(Deserialize)]
-pub struct HeaderInfo {
-    pub trainer: String,
-    pub config: String,
-    pub data: DataIdentity,
-    pub metrics_bytes: u64,
-    pub step: usize,
-}
+/// The header without the trainer's state: what every reader needs before it knows the state's type.
+pub type HeaderInfo = Header<serde::de::IgnoredAny>;
 
 /// A memory bank's scalars (its arrays are tensors).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +155,8 @@ pub struct ResumeFile {
     pub path: PathBuf,
     bytes: Vec<u8>,
     header: String,
+    /// Each tensor's dtype, shape and byte range in `bytes`, from one parse at `open`.
+    tensors: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
 }
 
 impl ResumeFile {
@@ -171,7 +166,12 @@ impl ResumeFile {
         // The header and every tensor's span are checked before the safetensors crate reads them (it adds
         // declared offsets unchecked; see `features::parse_safetensors`), so a torn or hand-edited file fails
         // here, with its name, and not mid-run.
-        parse_safetensors(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        let st = parse_safetensors(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+        let base = bytes.as_ptr() as usize;
+        let tensors = st.tensors().into_iter().map(|(name, t)| {
+            let start = t.data().as_ptr() as usize - base;
+            (name, (t.dtype(), t.shape().to_vec(), start..start + t.data().len()))
+        }).collect();
         let (_, meta) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
@@ -185,7 +185,7 @@ impl ResumeFile {
             bail!("{}: resume format version {version}; this engine reads version {VERSION}", path.display());
         }
         let header = meta.get("header").cloned().with_context(|| format!("{}: metadata header missing", path.display()))?;
-        Ok(ResumeFile { path: path.to_path_buf(), bytes, header })
+        Ok(ResumeFile { path: path.to_path_buf(), bytes, header, tensors })
     }
 
     fn file(&self) -> String {
@@ -201,13 +201,12 @@ impl ResumeFile {
     }
 
     /// The raw bytes of tensor `name`, which must have `dtype` and `shape`.
-    fn raw(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<Vec<u8>> {
-        let st = parse_safetensors(&self.bytes).map_err(|e| anyhow::anyhow!("{}: {e}", self.file()))?;
-        let t = st.tensor(name).map_err(|_| anyhow::anyhow!("{}: tensor {name:?} missing", self.file()))?;
-        if t.dtype() != dtype || t.shape() != shape {
-            bail!("{}: tensor {name:?} is {:?} {:?}, expected {dtype:?} {shape:?}", self.file(), t.dtype(), t.shape());
+    fn raw(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8]> {
+        let (t, s, range) = self.tensors.get(name).with_context(|| format!("{}: tensor {name:?} missing", self.file()))?;
+        if *t != dtype || s.as_slice() != shape {
+            bail!("{}: tensor {name:?} is {t:?} {s:?}, expected {dtype:?} {shape:?}", self.file());
         }
-        Ok(t.data().to_vec())
+        Ok(&self.bytes[range.clone()])
     }
 
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -224,7 +223,7 @@ impl ResumeFile {
     }
 
     pub fn u8(&self, name: &str, len: usize) -> Result<Vec<u8>> {
-        self.raw(name, Dtype::U8, &[len])
+        self.raw(name, Dtype::U8, &[len]).map(<[u8]>::to_vec)
     }
 
     /// Restores weights, moments, AdamW step counts and trainable flags into a store built from the same
