@@ -39,13 +39,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Configuration preset: default (small, synthetic-friendly), ur4rec (the UR4Rec reference settings),
-    /// sasrec-paper (Kang & McAuley's settings).
-    #[arg(long)]
-    preset: Option<String>,
-    /// TOML configuration file (its `preset` key, if any, is applied first; --preset overrides it).
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    source: ConfigSource,
     /// `synthetic` (built-in data set) or a data file / directory (u.data, ratings.dat, *.inter, *.txt).
     #[arg(long)]
     data: Option<String>,
@@ -104,10 +99,8 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct AblationArgs {
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    source: ConfigSource,
     #[arg(long)]
     data: Option<String>,
     /// Output directory (default runs/ablation-<data>-<time>).
@@ -133,16 +126,27 @@ struct InfoArgs {
     /// List the stable parameter names (for unfreezing schedules) of the configured model.
     #[arg(long)]
     params: bool,
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    source: ConfigSource,
     /// Number of items of the data set the model is sized for.
     #[arg(long, default_value_t = 1000)]
     items: usize,
 }
 
-fn resolve_config(preset: &Option<String>, file: &Option<PathBuf>) -> Result<Config> {
+/// Where a command's configuration comes from (train, ablation, info).
+#[derive(clap::Args)]
+struct ConfigSource {
+    /// Configuration preset: default (small, synthetic-friendly), sasrec, ur4rec (the UR4Rec reference
+    /// settings), sasrec-paper (Kang & McAuley's settings).
+    #[arg(long)]
+    preset: Option<String>,
+    /// TOML configuration file (its `preset` key, if any, is applied first; --preset overrides it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn resolve_config(source: &ConfigSource) -> Result<Config> {
+    let (preset, file) = (&source.preset, &source.config);
     let base = preset.as_deref().unwrap_or("default");
     match file {
         Some(f) => Config::from_file(f, base),
@@ -284,7 +288,7 @@ fn train(args: TrainArgs) -> Result<()> {
     // The recorded configuration of a run being resumed, and the metrics length to cut back to.
     let resumed = match &args.resume {
         Some(dir) => {
-            let given = [("--preset", args.preset.is_some()), ("--config", args.config.is_some()), ("--data", args.data.is_some()),
+            let given = [("--preset", args.source.preset.is_some()), ("--config", args.source.config.is_some()), ("--data", args.data.is_some()),
                          ("--format", args.format.is_some()), ("--out", args.out.is_some()), ("--epochs", args.epochs.is_some()),
                          ("--seed", args.seed.is_some()), ("--deterministic", args.deterministic),
                          ("overrides", !args.overrides.is_empty())];
@@ -303,7 +307,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let cfg = match &resumed {
         Some((_, cfg, _)) => cfg.clone(),
         None => {
-            let mut cfg = resolve_config(&args.preset, &args.config)?;
+            let mut cfg = resolve_config(&args.source)?;
             if let Some(d) = &args.data {
                 cfg.data.source = d.clone();
             }
@@ -449,7 +453,7 @@ fn write_dump(path: &std::path::Path, d: &ur4rec_engine::ranking::ScoreDump, use
 }
 
 fn ablation(args: AblationArgs) -> Result<()> {
-    let mut cfg = resolve_config(&args.preset, &args.config)?;
+    let mut cfg = resolve_config(&args.source)?;
     if let Some(d) = &args.data {
         cfg.data.source = d.clone();
     }
@@ -478,7 +482,7 @@ fn info(args: InfoArgs) -> Result<()> {
     }
     println!("CPU: {} threads", rayon::current_num_threads());
     if args.params {
-        let cfg = resolve_config(&args.preset, &args.config)?;
+        let cfg = resolve_config(&args.source)?;
         let mut b = ParamBuilder::new();
         let mut rng = Rng::new(0);
         ur4rec_engine::model::SasRec::new(&mut b, &cfg.sasrec, args.items, &mut rng);
