@@ -491,8 +491,12 @@ fn info(args: InfoArgs) -> Result<()> {
             ur4rec_engine::model::retriever::Retriever::new(&mut b, &cfg.ur4rec.retriever, args.items, 384, Some(384), &mut rng);
         }
         let store = b.build(&CpuBackend::new());
+        // The list is long and often piped into `head` or `grep`: a closed pipe is an error here (handled in
+        // `main`), not println!'s panic.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
         for p in &store.infos {
-            println!("{:<48} {:>10} {:?} group={}", p.name, p.len, p.shape, store.groups[p.group].name);
+            writeln!(out, "{:<48} {:>10} {:?} group={}", p.name, p.len, p.shape, store.groups[p.group].name)?;
         }
     }
     Ok(())
@@ -507,6 +511,10 @@ fn main() {
         Command::Eval(a) => eval(a),
     };
     if let Err(e) = r {
+        // The reader of our output went away (`info --params | head`): nothing left to say.
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            std::process::exit(0);
+        }
         // A stop on request (signal, step limit) is not a failure: the run continues with --resume.
         if let Some(stopped) = e.downcast_ref::<Stopped>() {
             eprintln!("{stopped}");
