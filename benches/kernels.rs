@@ -16,7 +16,7 @@
 //! Run: `cargo bench --bench kernels`.
 use std::time::Instant;
 use ur4rec_engine::backend::cuda::CudaBackend;
-use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, SeqLayout};
+use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, SeqLayout, StoreFormat, Stored};
 use ur4rec_engine::rng::Rng;
 
 #[global_allocator]
@@ -135,16 +135,16 @@ fn bench_all<B: Timed>(b: &B, ceil: (f64, f64), cpu: bool) {
         row(be, "attention fwd+bwd", &format!("B={nseq} L={l} d={d} h={heads}{note}"), secs, bytes, flops, ceil);
     }
 
-    // ---- InfoNCE against the memory bank, forward + backward (dq and dk) -------------------------------
-    {
+    // ---- InfoNCE against the memory bank, forward + backward (dq and dk), per bank storage format ---------
+    for format in [StoreFormat::F32, StoreFormat::Bf16, StoreFormat::F16] {
         let (bsz, dim) = (256usize, 256usize);
         let kslots = if cpu { 4096 } else { 65_536 };
         let q = b.from_host(&normalized(&mut rng, bsz, dim));
         let k = b.from_host(&normalized(&mut rng, bsz, dim));
-        let bank = b.from_host(&normalized(&mut rng, kslots, dim));
+        let mut bank = Stored::from_host(b, &normalized(&mut rng, kslots, dim), format);
         let users_h: Vec<u32> = (0..bsz as u32).map(|u| u + 1).collect();
         let bank_users_h: Vec<u32> = (0..kslots).map(|_| rng.below(2000) as u32).collect();
-        let (users, bank_users) = (b.idx_from_host(&users_h), b.idx_from_host(&bank_users_h));
+        let (users, mut bank_users) = (b.idx_from_host(&users_h), b.idx_from_host(&bank_users_h));
         let dloss = b.from_host(&[1.0]);
         let (mut dq, mut dk) = (b.zeros(bsz * dim), b.zeros(bsz * dim));
         let secs = b.median_secs(&mut || {
@@ -153,9 +153,16 @@ fn bench_all<B: Timed>(b: &B, ceil: (f64, f64), cpu: bool) {
         });
         // 2·B·K·D per pass over the bank: forward logits, backward logits, backward Σ p·key → 6·B·K·D.
         let flops = 6.0 * (bsz * kslots * dim) as f64;
-        let bytes = f4 * (2.0 * (kslots * dim) as f64 + 6.0 * (bsz * dim) as f64);
+        let bank_bytes = (format.bytes() * kslots * dim) as f64;
+        let bytes = 2.0 * bank_bytes + f4 * 6.0 * (bsz * dim) as f64;
         let note = if cpu { " (CPU: K reduced)" } else { "" };
-        row(be, "infonce_bank fwd+bwd", &format!("B={bsz} K={kslots} D={dim}{note}"), secs, bytes, flops, ceil);
+        let name = format!("infonce_bank fwd+bwd {}", format.name());
+        row(be, &name, &format!("B={bsz} K={kslots} D={dim}{note}"), secs, bytes, flops, ceil);
+        // The step's enqueue of the batch's keys, wrapping (pointer near the end of the ring).
+        let ptr = kslots - bsz / 2;
+        let secs = b.median_secs(&mut || b.ring_enqueue(&mut bank, &mut bank_users, &k, &users, dim, ptr));
+        let bytes = (bsz * dim) as f64 * (4.0 + format.bytes() as f64) + (bsz * 8) as f64;
+        row(be, &format!("ring_enqueue {}", format.name()), &format!("B={bsz} into K={kslots} D={dim}"), secs, bytes, 0.0, ceil);
     }
 
     // ---- embedding gather and scatter-add backward ---------------------------------------------------

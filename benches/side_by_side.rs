@@ -52,7 +52,7 @@ fn time_steps<B: Backend>(be: &B, g: &GoldenFile, warmup: usize, steps: usize, s
     let cfg = g.config(&[]).expect("configuration");
     let (sasrec, retriever, mut store) = g.model(be, &cfg).expect("model");
     let batch = g.batch().expect("batch");
-    let mut banks = g.banks(cfg.ur4rec.retriever.dim).ok();
+    let mut banks = g.banks(be, cfg.ur4rec.retriever.dim).ok();
     let t = &cfg.train;
     let mut opt = AdamW::new(store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
     let lrs: Vec<f32> = store.groups.iter().map(|gr| g.meta["lrs"][&gr.name].as_f64().expect("lr") as f32).collect();
@@ -76,8 +76,9 @@ fn time_steps<B: Backend>(be: &B, g: &GoldenFile, warmup: usize, steps: usize, s
         drop(tape);
         opt.step(be, &mut store, &lrs, t.clip_norm);
         if let (Some((bt, bv)), Some((kt, kv))) = (banks.as_mut(), o.enqueue) {
-            bt.enqueue(&kt, &batch.users, step as u64);
-            bv.enqueue(&kv, &batch.users, step as u64);
+            let users = be.idx_from_host(&batch.users);
+            bt.enqueue(be, &kt, &batch.users, &users, step as u64);
+            bv.enqueue(be, &kv, &batch.users, &users, step as u64);
         }
     }
     sync();

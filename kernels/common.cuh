@@ -79,3 +79,30 @@ __device__ __forceinline__ float keep_factor(unsigned long long base, unsigned l
     float u = (float)(mix64(base ^ e) >> 40) * (1.0f / 16777216.0f);
     return u >= p ? scale : 0.0f;
 }
+
+// 16-bit storage formats (src/backend/stored.rs): raw bits wrapped in a tag type, so a kernel template
+// picks the widening by its element type. Rounding is to nearest, ties to even, as the `half` crate rounds.
+struct bf16_bits {
+    unsigned short v;
+};
+struct f16_bits {
+    unsigned short v;
+};
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16_bits x) { return __uint_as_float(((unsigned int)x.v) << 16); }
+__device__ __forceinline__ float to_f32(f16_bits x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.v));
+    return f;
+}
+__device__ __forceinline__ void store_as(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_as(bf16_bits* p, float x) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    p->v = h;
+}
+__device__ __forceinline__ void store_as(f16_bits* p, float x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    p->v = h;
+}

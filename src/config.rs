@@ -248,6 +248,9 @@ pub struct Ur4RecConfig {
     pub contrastive: ContrastiveKind,
     /// Memory-bank slots (0: min(65536, a power of two above the number of users)).
     pub bank_size: usize,
+    /// Storage of the memory-bank keys: "f32", or "bf16" / "f16" (half the bytes the InfoNCE streams; values
+    /// rounded once when enqueued, widened to f32 when read, every sum in f32/f64).
+    pub bank_format: crate::backend::StoreFormat,
     pub contrastive_tau: f32,
     pub diversity_eps: f32,
     pub distillation: crate::train::strategies::DistillConfig,
@@ -281,6 +284,7 @@ impl Default for Ur4RecConfig {
             weights: WeightsKind::Fixed,
             contrastive: ContrastiveKind::InBatch,
             bank_size: 0,
+            bank_format: crate::backend::StoreFormat::F32,
             contrastive_tau: 0.07,
             diversity_eps: 0.1,
             distillation: Default::default(),

@@ -2,14 +2,14 @@
 //! parameter names, one explicit batch, the initial memory banks, and JSON metadata with the configuration.
 //! `tests/golden_parity.rs` compares the engine with the PyTorch results stored beside them;
 //! `benches/side_by_side.rs` times a training step on them. `reference/README.md` lists the tensors.
-use crate::backend::Backend;
+use crate::backend::{Backend, StoreFormat};
 use crate::config::Config;
 use crate::model::retriever::Retriever;
 use crate::model::SasRec;
 use crate::params::{ParamBuilder, ParamId, ParamStore};
 use crate::rng::Rng;
 use crate::train::explicit_batch::JointBatch;
-use crate::train::strategies::MemoryBank;
+use crate::train::strategies::{DeviceBank, MemoryBank};
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
@@ -129,12 +129,14 @@ impl GoldenFile {
     }
 
     /// The initial (text, visual) memory banks (`bank.*`), pointer at slot 0.
-    pub fn banks(&self, dim: usize) -> Result<(MemoryBank, MemoryBank)> {
+    /// The two memory banks the script started from, on `be` (f32 keys).
+    pub fn banks<B: Backend>(&self, be: &B, dim: usize) -> Result<(DeviceBank<B>, DeviceBank<B>)> {
         let users = self.ids("bank.users")?;
         let bank = |keys: Vec<f32>| -> Result<MemoryBank> {
             ensure!(keys.len() == users.len() * dim, "bank keys: {} values for {} slots of {dim}", keys.len(), users.len());
             Ok(MemoryBank { size: users.len(), dim, keys, users: users.clone(), steps: vec![0; users.len()], ptr: 0, filled: 0 })
         };
-        Ok((bank(self.f32s("bank.text.keys")?)?, bank(self.f32s("bank.visual.keys")?)?))
+        let (t, v) = (bank(self.f32s("bank.text.keys")?)?, bank(self.f32s("bank.visual.keys")?)?);
+        Ok((DeviceBank::upload(be, t, StoreFormat::F32), DeviceBank::upload(be, v, StoreFormat::F32)))
     }
 }

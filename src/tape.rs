@@ -5,10 +5,14 @@
 //! accumulates gradients into the inputs; a parameter node adds its gradient into the flat gradient
 //! buffer of the [`ParamStore`]. A tape lives for one step: dropping it frees every activation.
 //! With recording off (`Tape::inference`) nodes keep only values — evaluation costs no gradient memory.
-use crate::backend::{Backend, DropoutKey, SeqLayout};
+use crate::backend::{Backend, DropoutKey, SeqLayout, StoreFormat, Stored};
 use crate::params::{ParamId, ParamStore};
 use crate::rng::mix64;
 use std::sync::Arc;
+
+/// A memory bank an InfoNCE node reads: keys `[K, d]` and their user ids, shared with the bank's owner
+/// (`train::strategies::DeviceBank`), so the step neither copies nor uploads it.
+pub type SharedBank<B> = (Arc<Stored<B>>, Arc<<B as Backend>::Idx>);
 
 /// A value on the tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +47,7 @@ enum Op<B: Backend> {
     Bce { logits: Var, labels: B::Buf },
     CrossEntropy { logits: Var, target: B::Idx, cols: usize },
     KlDiv { logits: Var, teacher: B::Buf, cols: usize },
-    InfoNceBank { q: Var, k: Var, bank: B::Buf, bank_users: B::Idx, users: B::Idx, d: usize, tau: f32 },
+    InfoNceBank { q: Var, k: Var, bank: Option<SharedBank<B>>, users: B::Idx, d: usize, tau: f32 },
     Sum { x: Var },
     LogDet { g: Var, inverse: B::Buf },
 }
@@ -66,6 +70,14 @@ pub struct Tape<'a, B: Backend> {
     seed: u64,
     step: u64,
     dropout_ops: u64,
+}
+
+/// Calls `f` with the bank's keys and users, or with an empty bank (in-batch InfoNCE).
+fn with_bank<B: Backend, R>(be: &B, bank: &Option<SharedBank<B>>, f: impl FnOnce(&Stored<B>, &B::Idx) -> R) -> R {
+    match bank {
+        Some((keys, users)) => f(keys, users),
+        None => f(&Stored::from_host(be, &[], StoreFormat::F32), &be.idx_from_host(&[])),
+    }
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -447,16 +459,18 @@ impl<'a, B: Backend> Tape<'a, B> {
         self.push(vec![], y, Op::KlDiv { logits, teacher: t, cols }, &[logits])
     }
     /// InfoNCE of the rows of `q` against their positives (same rows of `k`), the other rows of `k`, and a
-    /// memory bank `[K, d]` given on the host (detached; slots of the same user are masked). All inputs
-    /// should be L2-normalised. An empty bank gives in-batch InfoNCE with the positive counted once.
-    pub fn infonce_bank(&mut self, q: Var, k: Var, bank: &[f32], bank_users: &[u32], users: &[u32], tau: f32) -> Var {
+    /// memory bank (detached; slots of the same user are masked). All inputs should be L2-normalised. No bank
+    /// gives in-batch InfoNCE with the positive counted once.
+    pub fn infonce_bank(&mut self, q: Var, k: Var, bank: Option<&SharedBank<B>>, users: &[u32], tau: f32) -> Var {
         assert_eq!(self.shape(q), self.shape(k), "infonce_bank: q and k shapes differ");
         let d = self.cols(q);
         assert_eq!(numel(self.shape(q)) / d, users.len(), "infonce_bank: one user id per row");
-        assert_eq!(bank.len(), bank_users.len() * d, "infonce_bank: bank is [K, d] with K user ids");
-        let (bb, bu, us) = (self.backend.from_host(bank), self.backend.idx_from_host(bank_users), self.backend.idx_from_host(users));
-        let y = self.backend.infonce_bank(self.value(q), self.value(k), &bb, &bu, &us, d, tau);
-        self.push(vec![], y, Op::InfoNceBank { q, k, bank: bb, bank_users: bu, users: us, d, tau }, &[q, k])
+        let bank = bank.map(|(keys, users)| (keys.clone(), users.clone()));
+        let us = self.backend.idx_from_host(users);
+        let y = with_bank(self.backend, &bank, |keys, bank_users| {
+            self.backend.infonce_bank(self.value(q), self.value(k), keys, bank_users, &us, d, tau)
+        });
+        self.push(vec![], y, Op::InfoNceBank { q, k, bank, users: us, d, tau }, &[q, k])
     }
     /// `mean (a − b)²`.
     pub fn mse(&mut self, a: Var, b: Var) -> Var {
@@ -730,11 +744,13 @@ impl<'a, B: Backend> Tape<'a, B> {
                     self.put_grad(*logits, gx);
                 }
             }
-            Op::InfoNceBank { q, k, bank, bank_users, users, d, tau } => {
+            Op::InfoNceBank { q, k, bank, users, d, tau } => {
                 let mut gq = self.take_grad(*q);
                 let mut gk = self.take_grad(*k);
-                be.infonce_bank_backward(self.value(*q), self.value(*k), bank, bank_users, users, *d, *tau, g,
-                                         gq.as_mut(), gk.as_mut());
+                with_bank(be, bank, |keys, bank_users| {
+                    be.infonce_bank_backward(self.value(*q), self.value(*k), keys, bank_users, users, *d, *tau, g,
+                                             gq.as_mut(), gk.as_mut())
+                });
                 if let Some(v) = gq { self.put_grad(*q, v) }
                 if let Some(v) = gk { self.put_grad(*k, v) }
             }

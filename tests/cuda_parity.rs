@@ -13,7 +13,7 @@
 //! Without a GPU every test prints "skipped: no GPU (<reason>)" and returns.
 mod fixtures;
 use ur4rec_engine::backend::cuda::CudaBackend;
-use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, DropoutKey, SeqLayout};
+use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, DropoutKey, SeqLayout, StoreFormat, Stored};
 use ur4rec_engine::rng::Rng;
 
 const EXACT: f64 = 0.0;
@@ -468,11 +468,15 @@ fn normalize_rows(x: &mut [f32], d: usize) {
     }
 }
 
+const FORMATS: [StoreFormat; 3] = [StoreFormat::F32, StoreFormat::Bf16, StoreFormat::F16];
+
 fn infonce_ops<B: Backend>(b: &B) -> Outputs {
     let mut o = Outputs::new();
-    for (t, &(bsz, slots, d)) in [(1usize, 1usize, 1usize), (7, 100, 33), (33, 1000, 64), (5, 70, 256)].iter().enumerate() {
+    let shapes = [(1usize, 1usize, 1usize), (7, 100, 33), (33, 1000, 64), (5, 70, 256)];
+    for (t, (&(bsz, slots, d), format)) in shapes.iter().flat_map(|s| FORMATS.map(|f| (s, f))).enumerate() {
         let mut rng = Rng::new(1100 + t as u64);
-        let tag = format!("{bsz}x{slots}x{d}");
+        // The bank's keys are rounded to `format` on both backends; the kernels widen them as they read.
+        let tag = format!("{bsz}x{slots}x{d}_{}", format.name());
         let (mut qh, mut kh, mut bh) = (rand(&mut rng, bsz * d), rand(&mut rng, bsz * d), rand(&mut rng, slots * d));
         normalize_rows(&mut qh, d);
         normalize_rows(&mut kh, d);
@@ -480,7 +484,7 @@ fn infonce_ops<B: Backend>(b: &B) -> Outputs {
         // Users 1..=4 so some bank slots are masked; some slots hold user 0 (never masked).
         let users = b.idx_from_host(&rand_idx(&mut rng, bsz, 4).iter().map(|u| u + 1).collect::<Vec<_>>());
         let bank_users = b.idx_from_host(&rand_idx(&mut rng, slots, 5));
-        let (q, k, bank) = (b.from_host(&qh), b.from_host(&kh), b.from_host(&bh));
+        let (q, k, bank) = (b.from_host(&qh), b.from_host(&kh), Stored::from_host(b, &bh, format));
         out(b, &mut o, format!("infonce{tag}"), &b.infonce_bank(&q, &k, &bank, &bank_users, &users, d, 0.07), RED);
         let dloss = b.from_host(&[0.8]);
         let mut dq = b.from_host(&rand(&mut rng, bsz * d));
@@ -495,6 +499,36 @@ fn infonce_ops<B: Backend>(b: &B) -> Outputs {
 #[test]
 fn infonce_bank_parity() {
     parity!("infonce", infonce_ops);
+}
+
+// ---- ring-buffer enqueue -------------------------------------------------------------------------------
+
+/// Batches smaller than, equal to and larger than the bank, from pointers that wrap; keys rounded on the
+/// device must equal the `half` crate's rounding bit for bit (EXACT), in all three formats.
+fn ring_enqueue_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, (&(slots, d, batch, ptr), format)) in [(1usize, 1usize, 1usize, 0usize), (8, 3, 3, 6), (8, 5, 8, 3), (7, 33, 20, 4),
+                                                   (1000, 256, 256, 900)]
+        .iter().flat_map(|s| FORMATS.map(|f| (s, f))).enumerate() {
+        let mut rng = Rng::new(1300 + t as u64);
+        let tag = format!("{slots}x{d}_b{batch}_p{ptr}_{}", format.name());
+        let mut bank = Stored::from_host(b, &rand(&mut rng, slots * d), format);
+        let mut bank_users = b.idx_from_host(&rand_idx(&mut rng, slots, 50));
+        // Keys with more mantissa than 16 bits hold, so the rounding is exercised.
+        let keys = b.from_host(&rand(&mut rng, batch * d));
+        let users = b.idx_from_host(&rand_idx(&mut rng, batch, 50).iter().map(|u| u + 1).collect::<Vec<_>>());
+        b.ring_enqueue(&mut bank, &mut bank_users, &keys, &users, d, ptr);
+        o.push((format!("ring_enqueue_keys{tag}"), bank.to_host(b), EXACT));
+        // The trait has no index readback: read the slot users through gather_rows of the table u ↦ u.
+        let table = b.from_host(&(0..51).map(|u| u as f32).collect::<Vec<_>>());
+        o.push((format!("ring_enqueue_users{tag}"), b.to_host(&b.gather_rows(&table, &bank_users, 1)), EXACT));
+    }
+    o
+}
+
+#[test]
+fn ring_enqueue_parity() {
+    parity!("ring_enqueue", ring_enqueue_ops);
 }
 
 // ---- deterministic embedding backward (CudaBackend::with_deterministic(true)) ------------------------------

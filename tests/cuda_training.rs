@@ -67,7 +67,8 @@ fn ur4rec_cfg() -> Config {
     cfg
 }
 
-/// `steps` stage-4 UR4Rec steps on `backend`: the loss terms of each step and the final weights.
+/// `steps` stage-4 UR4Rec steps on `backend`: the loss terms of each step and the final weights followed by
+/// both memory banks' keys (the enqueue ran on the backend).
 fn ur4rec_run<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, steps: usize) -> (Vec<Vec<f32>>, Vec<f32>) {
     let mut tr = Trainer::new(backend, cfg, data).unwrap();
     tr.set_stage_trainable(4, ur4rec_engine::train::strategies::Module::Sasrec);
@@ -81,7 +82,10 @@ fn ur4rec_run<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, steps:
         losses.push(vec![l.total, l.sasrec, l.retrieval, l.consistency, l.contrastive, l.diversity, l.distillation]);
         tr.step += 1;
     }
-    (losses, backend.to_host(&tr.store.values))
+    let (bt, bv) = tr.banks_on_host().expect("the configuration has a memory bank");
+    assert!(bt.filled > 0 && bv.filled > 0, "the steps enqueued keys");
+    let state = backend.to_host(&tr.store.values).into_iter().chain(bt.keys).chain(bv.keys).collect();
+    (losses, state)
 }
 
 fn check(what: &str, cpu: &[Vec<f32>], gpu: &[Vec<f32>], w_cpu: &[f32], w_gpu: &[f32]) {
@@ -121,6 +125,19 @@ fn ur4rec_training_steps_match_the_cpu() {
     assert!(lc[0].iter().all(|v| *v != 0.0), "every loss term is on: {:?}", lc[0]);
     let (lg, wg) = ur4rec_run(&g, &cfg, &data, 4);
     check("ur4rec", &lc, &lg, &wc, &wg);
+}
+
+/// The same with the bank stored in bf16 on both backends (keys rounded by the `half` crate on the CPU and
+/// by `cvt.rn.bf16.f32` on the GPU; the kernels widen them as they read).
+#[test]
+fn ur4rec_training_steps_with_a_bf16_bank_match_the_cpu() {
+    let Some(g) = gpu_or_skip() else { return };
+    let mut cfg = ur4rec_cfg();
+    cfg.ur4rec.bank_format = ur4rec_engine::backend::StoreFormat::Bf16;
+    let data = ur4rec_data(&cfg);
+    let (lc, wc) = ur4rec_run(&CpuBackend::new(), &cfg, &data, 4);
+    let (lg, wg) = ur4rec_run(&g, &cfg, &data, 4);
+    check("ur4rec bf16 bank", &lc, &lg, &wc, &wg);
 }
 
 #[test]

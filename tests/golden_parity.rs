@@ -103,13 +103,13 @@ impl Errors {
 }
 
 /// What one training step's forward built.
-struct Forward {
+struct Forward<B: Backend> {
     total: Var,
     /// total, sasrec, retrieval, consistency, contrastive, diversity, distillation.
     terms: [f32; 7],
     sasrec_scores: Option<Var>,
     retriever_scores: Option<Var>,
-    enqueue: Option<(Vec<f32>, Vec<f32>)>,
+    enqueue: Option<(B::Buf, B::Buf)>,
 }
 
 fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs: &mut Errors) {
@@ -146,14 +146,14 @@ fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs
         },
     };
     let mut banks = (cfg.ur4rec.contrastive == ContrastiveKind::MemoryBank)
-        .then(|| g.banks(cfg.ur4rec.retriever.dim).expect("golden banks"));
+        .then(|| g.banks(be, cfg.ur4rec.retriever.dim).expect("golden banks"));
 
     let want_losses = g.f32s(&format!("{name}.losses")).unwrap();
     let want_norms = g.f32s(&format!("{name}.grad_norms")).unwrap();
     let steps = g.usize("steps").unwrap();
     for step in 0..=steps {
         let mut tape = Tape::new(be, cfg.seed, step as u64);
-        let f = if stage == 1 {
+        let f: Forward<B> = if stage == 1 {
             let sv = sasrec.bind(&mut tape, &store);
             let inputs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
             let bl = sasrec_objective(&mut tape, &sasrec, &sv, &inputs, &targets);
@@ -216,8 +216,9 @@ fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs
                       want, if step == 0 { GRAD_NORM_TOL } else { STEP_TOL });
         }
         if let (Some((bt, bv)), Some((kt, kv))) = (banks.as_mut(), f.enqueue) {
-            bt.enqueue(&kt, &users, step as u64);
-            bv.enqueue(&kv, &users, step as u64);
+            let users_on_device = be.idx_from_host(&users);
+            bt.enqueue(be, &kt, &users, &users_on_device, step as u64);
+            bv.enqueue(be, &kv, &users, &users_on_device, step as u64);
         }
     }
 }

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::sync::Arc;
-use ur4rec_engine::backend::{Backend, CpuBackend, DropoutKey, SeqLayout};
+use ur4rec_engine::backend::{Backend, CpuBackend, DropoutKey, SeqLayout, StoreFormat, Stored};
 use ur4rec_engine::params::{Init, ParamBuilder};
 use ur4rec_engine::rng::{counter_uniform, Rng};
 use ur4rec_engine::tape::Tape;
@@ -946,10 +946,12 @@ fn infonce_bank_value_and_gradients() {
         // Slot users: some match batch users (masked for that query), some are 0 (never masked).
         let bank_users: Vec<u32> = (0..kslots as u32).map(|s| if s % 3 == 0 { 0 } else { 1 + s % (b as u32 + 1) }).collect();
         let tau = 0.2;
+        // No bank at all (K = 0) is in-batch InfoNCE.
+        let shared = (Arc::new(Stored::from_host(&CpuBackend::new(), &bank, StoreFormat::F32)), Arc::new(bank_users.clone()));
         let res = check(&format!("infonce_bank b={b} d={d} K={kslots}")).run(&ins, |t, v| {
             let q = t.l2_normalize(v[0], 1e-12);
             let k = t.l2_normalize(v[1], 1e-12);
-            t.infonce_bank(q, k, &bank, &bank_users, &users, tau)
+            t.infonce_bank(q, k, (kslots > 0).then_some(&shared), &users, tau)
         });
         let norm = |x: &[f32]| -> Vec<f64> {
             let n = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();

@@ -38,7 +38,8 @@ fn every_kernel_family_compiles_to_sm90_cubin() {
                 let names = kernels::kernel_names(src);
                 assert!(!names.is_empty(), "{family}: no __global__ kernels found");
                 for n in &names {
-                    assert!(n.ends_with("_f32") || n.ends_with("_f64"), "{family}: kernel {n} does not carry its dtype");
+                    let dtype = ["_f32", "_f64", "_bf16", "_f16"].iter().any(|t| n.ends_with(t));
+                    assert!(dtype, "{family}: kernel {n} does not carry its dtype");
                 }
                 eprintln!("{family}: {} kernels, {} bytes of sm_90 SASS", names.len(), cubin.len());
             }

@@ -112,10 +112,10 @@ fn a_nan_step_is_skipped_named_logged_and_leaves_the_state_untouched() {
     tr.step = 2 * spe;
     let users: Vec<usize> = (0..40).collect();
     for (i, chunk) in users.chunks(10).enumerate() {
-        let before = (tr.store.values.clone(), tr.store.m.clone(), tr.store.v.clone(), tr.opt.steps.clone(), tr.banks.clone());
+        let before = (tr.store.values.clone(), tr.store.m.clone(), tr.store.v.clone(), tr.opt.steps.clone(), tr.banks_on_host());
         let lrs = tr.lrs(2, i, 4);
         let r = tr.train_step(2, chunk, &lrs).unwrap().unwrap();
-        let after = (tr.store.values.clone(), tr.store.m.clone(), tr.store.v.clone(), tr.opt.steps.clone(), tr.banks.clone());
+        let after = (tr.store.values.clone(), tr.store.m.clone(), tr.store.v.clone(), tr.opt.steps.clone(), tr.banks_on_host());
         if tr.step == 2 * spe + 1 {
             let what = r.skipped.expect("the poisoned step is skipped");
             assert_eq!(what.tensor, "retrieval");
@@ -221,7 +221,7 @@ fn ur4rec_run(threads: usize) -> (Vec<u32>, Vec<u32>) {
                 tr.step += 1;
             }
         }
-        let (bt, bv) = tr.banks.as_ref().expect("memory bank on");
+        let (bt, bv) = tr.banks_on_host().expect("memory bank on");
         let state = tr.store.values.iter().chain(&bt.keys).chain(&bv.keys).map(|v| v.to_bits()).collect();
         (losses, state)
     })

@@ -9,8 +9,8 @@
 mod fixtures;
 use fixtures::{small_sasrec_config, small_sasrec_data, tensors, tiny_ur4rec_config, tiny_ur4rec_data};
 use std::path::{Path, PathBuf};
-use ur4rec_engine::backend::CpuBackend;
-use ur4rec_engine::config::{AlternationKind, Config, WeightsKind};
+use ur4rec_engine::backend::{CpuBackend, StoreFormat};
+use ur4rec_engine::config::{AlternationKind, Config, ContrastiveKind, WeightsKind};
 use ur4rec_engine::report::RunDir;
 use ur4rec_engine::train::resume::{ResumeFile, StopReason, Stopped, RESUME_FILE};
 use ur4rec_engine::train::trainer::{train_sasrec, PreparedData, RunOptions};
@@ -88,10 +88,23 @@ fn assert_same_run(straight: &Path, pieces: &Path, weights: &str) {
 
 #[test]
 fn ur4rec_stopped_and_resumed_anywhere_repeats_the_straight_run_bit_for_bit() {
+    stopped_and_resumed_anywhere(ur4rec_cfg(), "ur4rec");
+}
+
+/// With the memory bank stored in bf16: the checkpoint holds its keys widened to f32, and storing them
+/// again rounds nothing, so the resumed bank is the live one bit for bit.
+#[test]
+fn ur4rec_with_a_bf16_bank_resumes_bit_for_bit() {
+    let mut cfg = ur4rec_cfg();
+    cfg.ur4rec.bank_format = StoreFormat::Bf16;
+    stopped_and_resumed_anywhere(cfg, "ur4rec-bf16");
+}
+
+fn stopped_and_resumed_anywhere(cfg: Config, name: &str) {
     let be = CpuBackend::new();
-    let cfg = ur4rec_cfg();
+    assert_eq!(cfg.ur4rec.contrastive, ContrastiveKind::MemoryBank, "the configuration has a memory bank");
     let data = ur4rec_data(&cfg);
-    let straight = temp_dir("ur4rec-straight");
+    let straight = temp_dir(&format!("{name}-straight"));
     let mut run = RunDir::create(&straight).unwrap();
     train_ur4rec(&be, &cfg, &data, &mut run, &opts(false, None)).unwrap();
     drop(run);
@@ -110,7 +123,7 @@ fn ur4rec_stopped_and_resumed_anywhere_repeats_the_straight_run_bit_for_bit() {
         stops.push(s[s.len() / 3] as usize + 1);
         stops.push(*s.last().unwrap() as usize + 1);
     }
-    let pieces = run_in_pieces("ur4rec-pieces", &stops, |run, o| train_ur4rec(&be, &cfg, &data, run, o));
+    let pieces = run_in_pieces(&format!("{name}-pieces"), &stops, |run, o| train_ur4rec(&be, &cfg, &data, run, o));
     assert_same_run(&straight, &pieces, "final.safetensors");
     for st in 1..=4 {
         let f = format!("stage{st}_best.safetensors");

@@ -3,7 +3,9 @@
 //! Multi-threaded with rayon over independent rows / sequences only, so every output element is computed
 //! by one thread in a fixed order and results do not depend on the thread count. Matrix products go to
 //! the `gemm` crate (one single-threaded call per row block).
+use super::stored::{self, Stored};
 use super::{AdamWStep, Backend, DropoutKey, SeqLayout};
+use std::borrow::Cow;
 use crate::rng::{counter_base, counter_uniform_at};
 use rayon::prelude::*;
 
@@ -175,6 +177,14 @@ impl CpuBackend {
     }
 }
 
+/// A bank's keys as f32: borrowed when stored in f32, widened once per call when 16-bit.
+fn widened(bank: &Stored<CpuBackend>) -> Cow<'_, [f32]> {
+    match bank {
+        Stored::F32(x) => Cow::Borrowed(x),
+        Stored::Half(x, f) => Cow::Owned(stored::from_bits(*f, x)),
+    }
+}
+
 fn rows_mut(x: &mut [f32], cols: usize) -> rayon::slice::ChunksMut<'_, f32> {
     x.par_chunks_mut(cols.max(1) * ROW_CHUNK)
 }
@@ -182,6 +192,7 @@ fn rows_mut(x: &mut [f32], cols: usize) -> rayon::slice::ChunksMut<'_, f32> {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Idx = Vec<u32>;
+    type Half = Vec<u16>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -197,6 +208,12 @@ impl Backend for CpuBackend {
         x.to_vec()
     }
     fn to_host(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.clone()
+    }
+    fn half_from_host(&self, bits: &[u16]) -> Vec<u16> {
+        bits.to_vec()
+    }
+    fn half_to_host(&self, x: &Vec<u16>) -> Vec<u16> {
         x.clone()
     }
     fn len(&self, x: &Vec<f32>) -> usize {
@@ -240,6 +257,22 @@ impl Backend for CpuBackend {
             db.par_chunks_mut(cb).enumerate().for_each(|(r, d)| {
                 d.iter_mut().zip(&g[r * (ca + cb) + ca..][..cb]).for_each(|(d, g)| *d += g);
             });
+        }
+    }
+
+    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut Vec<u32>, keys: &Vec<f32>, users: &Vec<u32>,
+                    dim: usize, ptr: usize) {
+        let (b, size) = (users.len(), bank_users.len());
+        assert_eq!(keys.len(), b * dim, "ring_enqueue: keys are [{b}, {dim}]");
+        assert!(ptr < size.max(1), "ring_enqueue: pointer {ptr} outside a bank of {size} slots");
+        for r in b.saturating_sub(size)..b {
+            let slot = (ptr + r) % size;
+            let src = &keys[r * dim..(r + 1) * dim];
+            match bank {
+                Stored::F32(x) => x[slot * dim..(slot + 1) * dim].copy_from_slice(src),
+                Stored::Half(x, f) => x[slot * dim..(slot + 1) * dim].copy_from_slice(&stored::to_bits(*f, src)),
+            }
+            bank_users[slot] = users[r];
         }
     }
 
@@ -681,13 +714,14 @@ impl Backend for CpuBackend {
         let s: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
         vec![(s / a.len().max(1) as f64) as f32]
     }
-    fn infonce_bank(&self, q: &Vec<f32>, k: &Vec<f32>, bank: &Vec<f32>, bank_users: &Vec<u32>, users: &Vec<u32>,
+    fn infonce_bank(&self, q: &Vec<f32>, k: &Vec<f32>, bank: &Stored<Self>, bank_users: &Vec<u32>, users: &Vec<u32>,
                     d: usize, tau: f32) -> Vec<f32> {
-        vec![crate::backend::cpu_infonce::forward(q, k, bank, bank_users, users, d, tau)]
+        vec![crate::backend::cpu_infonce::forward(q, k, &widened(bank), bank_users, users, d, tau)]
     }
-    fn infonce_bank_backward(&self, q: &Vec<f32>, k: &Vec<f32>, bank: &Vec<f32>, bank_users: &Vec<u32>, users: &Vec<u32>,
-                             d: usize, tau: f32, dloss: &Vec<f32>, dq: Option<&mut Vec<f32>>, dk: Option<&mut Vec<f32>>) {
-        crate::backend::cpu_infonce::backward(q, k, bank, bank_users, users, d, tau, dloss[0],
+    fn infonce_bank_backward(&self, q: &Vec<f32>, k: &Vec<f32>, bank: &Stored<Self>, bank_users: &Vec<u32>,
+                             users: &Vec<u32>, d: usize, tau: f32, dloss: &Vec<f32>, dq: Option<&mut Vec<f32>>,
+                             dk: Option<&mut Vec<f32>>) {
+        crate::backend::cpu_infonce::backward(q, k, &widened(bank), bank_users, users, d, tau, dloss[0],
                                               dq.map(|v| v.as_mut_slice()), dk.map(|v| v.as_mut_slice()));
     }
     fn sum_all(&self, x: &Vec<f32>) -> Vec<f32> {

@@ -11,11 +11,13 @@
 pub mod cpu;
 pub mod cuda;
 pub mod layout;
+pub mod stored;
 mod cpu_attention;
 mod cpu_infonce;
 
 pub use cpu::CpuBackend;
 pub use layout::SeqLayout;
+pub use stored::{StoreFormat, Stored};
 
 /// Dropout parameters of one op application: drop probability and the counter-RNG key.
 /// The mask element `e` is dropped iff `counter_uniform(seed, stream, e) < p`; see `crate::rng`.
@@ -45,6 +47,8 @@ pub struct AdamWStep {
 pub trait Backend: Send + Sync + Sized + 'static {
     type Buf: Send + Sync;
     type Idx: Send + Sync;
+    /// 16-bit storage (bf16 or f16 bits) of stored-only tensors; see [`stored`].
+    type Half: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -53,6 +57,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn from_host(&self, x: &[f32]) -> Self::Buf;
     fn idx_from_host(&self, x: &[u32]) -> Self::Idx;
     fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
+    fn half_from_host(&self, bits: &[u16]) -> Self::Half;
+    fn half_to_host(&self, x: &Self::Half) -> Vec<u16>;
     fn len(&self, x: &Self::Buf) -> usize;
     /// A copy of `src[offset .. offset + len]`.
     fn copy_range(&self, src: &Self::Buf, offset: usize, len: usize) -> Self::Buf;
@@ -68,6 +74,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn concat_cols(&self, a: &Self::Buf, ca: usize, b: &Self::Buf, cb: usize) -> Self::Buf;
     /// The backward of `concat_cols`: `da += g[:, ..ca]`, `db += g[:, ca..]`.
     fn split_cols_acc(&self, g: &Self::Buf, ca: usize, cb: usize, da: Option<&mut Self::Buf>, db: Option<&mut Self::Buf>);
+
+    /// Ring-buffer enqueue (the memory bank): of the `b` rows of `keys: [b, dim]` and `users: [b]`, row
+    /// `r >= b − K` goes to slot `(ptr + r) mod K` of `bank: [K, dim]` (rounded to the bank's format) and
+    /// `bank_users: [K]`; earlier rows would be overwritten within the batch and are skipped. This is
+    /// exactly writing the rows one by one from slot `ptr` with wrap-around (`MemoryBank::enqueue`).
+    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut Self::Idx, keys: &Self::Buf, users: &Self::Idx,
+                    dim: usize, ptr: usize);
 
     // ---- optimizer -------------------------------------------------------------------------------
     /// `Σ x[offset .. offset + len]²` (gradient-norm clipping), accumulated in f64.
@@ -187,11 +200,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Fused InfoNCE of `q: [B, d]` against positives `k: [B, d]`, the other in-batch keys and a memory
     /// `bank: [K, d]` (slots whose `bank_users` equals the query's user are masked; user 0 never is), with an
     /// online log-sum-exp that never materialises `[B, K]` logits. See `cpu_infonce.rs` for the formula.
+    /// A 16-bit bank is widened to f32 as it is read.
     #[allow(clippy::too_many_arguments)]
-    fn infonce_bank(&self, q: &Self::Buf, k: &Self::Buf, bank: &Self::Buf, bank_users: &Self::Idx, users: &Self::Idx,
+    fn infonce_bank(&self, q: &Self::Buf, k: &Self::Buf, bank: &Stored<Self>, bank_users: &Self::Idx, users: &Self::Idx,
                     d: usize, tau: f32) -> Self::Buf;
     #[allow(clippy::too_many_arguments)]
-    fn infonce_bank_backward(&self, q: &Self::Buf, k: &Self::Buf, bank: &Self::Buf, bank_users: &Self::Idx,
+    fn infonce_bank_backward(&self, q: &Self::Buf, k: &Self::Buf, bank: &Stored<Self>, bank_users: &Self::Idx,
                              users: &Self::Idx, d: usize, tau: f32, dloss: &Self::Buf, dq: Option<&mut Self::Buf>,
                              dk: Option<&mut Self::Buf>);
     /// `Σ x` as a 1-element buffer.

@@ -21,7 +21,7 @@ use crate::model::SasRec;
 use crate::params::ParamStore;
 use crate::tape::{Tape, Var};
 use crate::train::batch::SeqBatch;
-use crate::train::strategies::{MemoryBank, Weights};
+use crate::train::strategies::{DeviceBank, Weights};
 use crate::train::ur4rec_trainer::StepLosses;
 use anyhow::{bail, ensure, Result};
 
@@ -52,31 +52,32 @@ impl JointBatch {
 }
 
 /// How the terms are weighted and what they read besides the batch.
-pub struct JointSettings<'c> {
+pub struct JointSettings<'c, B: Backend> {
     pub cfg: &'c Ur4RecConfig,
     /// Weights of the auxiliary terms at this step.
     pub weights: Weights,
     /// The (text, visual) memory banks, when contrastive = memory-bank.
-    pub banks: Option<&'c (MemoryBank, MemoryBank)>,
+    pub banks: Option<&'c (DeviceBank<B>, DeviceBank<B>)>,
     /// Testing aid (`train.inject_nan_*`): poisons the retrieval term, so the guard's attribution is exercised.
     pub poison_retrieval: bool,
 }
 
 /// What [`joint_losses`] built on the tape.
-pub struct JointOutput {
+pub struct JointOutput<B: Backend> {
     pub total: Var,
     pub losses: StepLosses,
     /// SASRec's candidate scores `[B, 1 + k]` (stages 3–4).
     pub sasrec_scores: Option<Var>,
     /// The retriever's candidate logits `[B, 1 + k]`.
     pub retriever_scores: Var,
-    /// With a memory bank: the batch's normalised text and visual user vectors, to enqueue after the step.
-    pub enqueue: Option<(Vec<f32>, Vec<f32>)>,
+    /// With a memory bank: the batch's normalised text and visual user vectors (copies on the backend, so
+    /// the tape can be dropped), to enqueue after the step.
+    pub enqueue: Option<(B::Buf, B::Buf)>,
 }
 
 /// Builds the loss of `stage` (2, 3 or 4) for `batch` on `tape`.
 pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: &Retriever, store: &ParamStore<B>,
-                                stage: usize, batch: &JointBatch, set: &JointSettings) -> Result<JointOutput> {
+                                stage: usize, batch: &JointBatch, set: &JointSettings<B>) -> Result<JointOutput<B>> {
     let cfg = set.cfg;
     let n = batch.len();
     let k = batch.negatives;
@@ -126,16 +127,10 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
         // Modality consistency, contrastive InfoNCE (symmetric), LogDet diversity of the fused vectors.
         let cons = tape.mse(uv.text, v);
         read.consistency = Some(cons);
-        let (bank_t, bank_v): (&[f32], &[f32]) = match set.banks {
-            Some((bt, bv)) => (&bt.keys, &bv.keys),
-            None => (&[], &[]),
-        };
-        let (users_t, users_v): (&[u32], &[u32]) = match set.banks {
-            Some((bt, bv)) => (&bt.users, &bv.users),
-            None => (&[], &[]),
-        };
-        let tv = tape.infonce_bank(uv.text, v, bank_v, users_v, &batch.users, cfg.contrastive_tau);
-        let vt = tape.infonce_bank(v, uv.text, bank_t, users_t, &batch.users, cfg.contrastive_tau);
+        let bank_t = set.banks.map(|(bt, _)| bt.on_device());
+        let bank_v = set.banks.map(|(_, bv)| bv.on_device());
+        let tv = tape.infonce_bank(uv.text, v, bank_v, &batch.users, cfg.contrastive_tau);
+        let vt = tape.infonce_bank(v, uv.text, bank_t, &batch.users, cfg.contrastive_tau);
         let ctr = tape.add(tv, vt);
         let ctr = tape.scale(ctr, 0.5);
         read.contrastive = Some(ctr);
@@ -148,7 +143,8 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
         if w.contrastive > 0.0 { terms.push(tape.scale(ctr, w.contrastive)); }
         if w.diversity > 0.0 { terms.push(tape.scale(div, w.diversity)); }
         if set.banks.is_some() {
-            enqueue = Some((tape.to_host(uv.text), tape.to_host(v)));
+            let copy = |x: Var| tape.backend.copy_range(tape.value(x), 0, tape.backend.len(tape.value(x)));
+            enqueue = Some((copy(uv.text), copy(v)));
         }
     }
     // Bidirectional distillation over the same candidates.

@@ -19,7 +19,7 @@ use crate::train::objective::sasrec_loss;
 use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
-use crate::train::strategies::{AdaptiveAlternation, Alternation, LossWeights, MemoryBank, Module, ParityAlternation,
+use crate::train::strategies::{AdaptiveAlternation, Alternation, DeviceBank, LossWeights, MemoryBank, Module, ParityAlternation,
                                UnfreezeSchedule, Weights};
 use crate::train::resume::{BankMeta, Checkpointer, ResumeFile, ResumeWriter};
 use crate::train::trainer::{say, PreparedData, RunOptions};
@@ -163,7 +163,8 @@ pub struct Trainer<'a, B: Backend> {
     pub opt: AdamW,
     pub rng: Rng,
     pub step: usize,
-    pub banks: Option<(MemoryBank, MemoryBank)>,
+    /// The (text, visual) memory banks, keys on the backend.
+    pub banks: Option<(DeviceBank<B>, DeviceBank<B>)>,
     weights: LossWeights,
     unfreeze: UnfreezeSchedule,
     steps_per_epoch: usize,
@@ -188,7 +189,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let banks = (u.contrastive == ContrastiveKind::MemoryBank && model.retriever.has_visual()).then(|| {
             let size = if u.bank_size > 0 { u.bank_size } else { MemoryBank::default_size(data.dataset.num_users) };
             let mut r = Rng::derive(cfg.seed, "memory-bank");
-            (MemoryBank::new(size, u.retriever.dim, &mut r), MemoryBank::new(size, u.retriever.dim, &mut r))
+            let (t, v) = (MemoryBank::new(size, u.retriever.dim, &mut r), MemoryBank::new(size, u.retriever.dim, &mut r));
+            (DeviceBank::upload(backend, t, u.bank_format), DeviceBank::upload(backend, v, u.bank_format))
         });
         let unfreeze = UnfreezeSchedule::parse(&u.unfreeze).map_err(anyhow::Error::msg)?;
         let names: Vec<&str> = store.infos.iter().map(|p| p.name.as_str()).collect();
@@ -222,7 +224,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Builds the loss of one batch of users (0-based) on `tape`; returns the total, its terms and (with a
     /// memory bank) the batch's text and visual keys to enqueue after the step.
     #[allow(clippy::type_complexity)]
-    pub fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, StepLosses, Option<(Vec<f32>, Vec<f32>)>)>> {
+    pub fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, StepLosses, Option<(B::Buf, B::Buf)>)>> {
         let cfg = &self.cfg.ur4rec;
         let data = self.data;
         let users: Vec<usize> = users.iter().copied().filter(|&u| data.split.train[u].len() >= 2).collect();
@@ -288,10 +290,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let grad_norm = reports.iter().map(|r| (self.store.groups[r.group].name.clone(), r.grad_norm)).collect();
         if let (Some((bt, bv)), Some((t, v))) = (self.banks.as_mut(), enqueue) {
             let ids: Vec<u32> = users.iter().filter(|&&x| self.data.split.train[x].len() >= 2).map(|&x| x as u32 + 1).collect();
-            bt.enqueue(&t, &ids, self.step as u64);
-            bv.enqueue(&v, &ids, self.step as u64);
+            let ids_on_device = backend.idx_from_host(&ids);
+            bt.enqueue(backend, &t, &ids, &ids_on_device, self.step as u64);
+            bv.enqueue(backend, &v, &ids, &ids_on_device, self.step as u64);
         }
         Ok(Some(StepResult { losses, grad_norm, skipped: None }))
+    }
+
+    /// A host copy of both memory banks (a checkpoint, or the banks that go with a selected model).
+    pub fn banks_on_host(&self) -> Option<(MemoryBank, MemoryBank)> {
+        self.banks.as_ref().map(|(t, v)| (t.download(self.backend), v.download(self.backend)))
+    }
+
+    /// Replaces both memory banks (keys stored in the configured `ur4rec.bank_format`).
+    pub fn set_banks(&mut self, banks: Option<(MemoryBank, MemoryBank)>) {
+        let format = self.cfg.ur4rec.bank_format;
+        self.banks = banks.map(|(t, v)| (DeviceBank::upload(self.backend, t, format), DeviceBank::upload(self.backend, v, format)));
     }
 
     /// The learning rates of every group at `stage_step` of a stage of `stage_steps` steps.
@@ -365,7 +379,7 @@ fn save_resume<B: Backend>(ck: &mut Checkpointer, tr: &Trainer<'_, B>, order: &[
     let mut w = ResumeWriter::new();
     w.params(tr.backend, &tr.store, &tr.opt);
     w.u32("order", &order.iter().map(|&u| u as u32).collect::<Vec<_>>());
-    p.banks = tr.banks.as_ref().map(|(t, v)| (w.bank("bank/text", t), w.bank("bank/visual", v)));
+    p.banks = tr.banks_on_host().map(|(t, v)| (w.bank("bank/text", &t), w.bank("bank/visual", &v)));
     p.best_banks = best_banks.as_ref().map(|(t, v)| (w.bank("best_bank/text", t), w.bank("best_bank/visual", v)));
     p.rng = tr.rng.clone();
     p.unfreeze = tr.unfreeze.clone();
@@ -398,7 +412,8 @@ impl<B: Backend> Trainer<'_, B> {
                                 if m.is_some() { "present" } else { "absent" }, if m.is_some() { "absent" } else { "present" }),
             }
         };
-        self.banks = read(&p.banks, "bank", true)?;
+        let live = read(&p.banks, "bank", true)?;
+        self.set_banks(live);
         read(&p.best_banks, "best_bank", false)
     }
 }
@@ -471,7 +486,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                 guard::check_weights(backend, &tr.store, &ckpt)?;
                 checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), "0".into())]))?;
                 p.best = Some(BestSoFar { epoch: 0, selection: sel, valid: e });
-                best_banks = tr.banks.clone();
+                best_banks = tr.banks_on_host();
             }
             (p.stage_begun, p.epoch, p.epoch_done, p.stage_stopped) = (true, 0, true, false);
             (p.since_best, p.switches, p.stage_step, p.stage_seconds) = (0, 0, 0, 0.0);
@@ -547,7 +562,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                 guard::check_weights(backend, &tr.store, &ckpt)?;
                 checkpoint::save_params(backend, &tr.store, &ckpt, HashMap::from([("stage".into(), stage.to_string()), ("epoch".into(), epoch.to_string())]))?;
                 p.best = Some(BestSoFar { epoch, selection: sel, valid: e });
-                best_banks = tr.banks.clone();
+                best_banks = tr.banks_on_host();
                 p.since_best = 0;
             } else {
                 p.since_best += 1;
@@ -569,7 +584,8 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                   best.epoch);
         }
         // The memory bank goes back to the state it had with the selected weights (mission.md §10).
-        tr.banks = best_banks.take();
+        let selected = best_banks.take();
+        tr.set_banks(selected);
         if let Some((a, _)) = best_alpha(&best.valid) {
             p.alpha = a;
         }

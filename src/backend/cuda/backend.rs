@@ -10,7 +10,7 @@
 //! shapes the same way), so a driver error after a successful start panics with the kernel's name.
 use super::kernels::{self, KernelError};
 use super::{probe, CudaUnavailable, GpuInfo};
-use crate::backend::{AdamWStep, Backend, DropoutKey, SeqLayout};
+use crate::backend::{AdamWStep, Backend, DropoutKey, SeqLayout, Stored};
 use crate::rng::counter_base;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -92,6 +92,23 @@ macro_rules! launch {
         $( b.arg($arg); )*
         check(unsafe { b.launch($cfg) }, $name);
     }};
+}
+
+/// Runs `$body` with `$x` bound to a stored tensor's device buffer and `$suffix` to the kernel-name suffix of
+/// its format (`f32`, `bf16`, `f16`): the kernels that read a `Stored` have one entry point per format.
+macro_rules! with_stored {
+    ($stored:expr, |$x:ident, $suffix:ident| $body:expr) => {
+        match $stored {
+            Stored::F32($x) => {
+                let $suffix = "f32";
+                $body
+            }
+            Stored::Half($x, format) => {
+                let $suffix = format.name();
+                $body
+            }
+        }
+    };
 }
 
 impl CudaBackend {
@@ -256,6 +273,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
     type Idx = CudaSlice<u32>;
+    type Half = CudaSlice<u16>;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.info.ordinal, self.info.name)
@@ -282,6 +300,18 @@ impl Backend for CudaBackend {
             return Vec::new();
         }
         check(self.stream.clone_dtoh(x), "to_host")
+    }
+    fn half_from_host(&self, bits: &[u16]) -> CudaSlice<u16> {
+        if bits.is_empty() {
+            return check(self.stream.null::<u16>(), "half_from_host(empty)");
+        }
+        check(self.stream.clone_htod(bits), "half_from_host")
+    }
+    fn half_to_host(&self, x: &CudaSlice<u16>) -> Vec<u16> {
+        if x.is_empty() {
+            return Vec::new();
+        }
+        check(self.stream.clone_dtoh(x), "half_to_host")
     }
     fn len(&self, x: &CudaSlice<f32>) -> usize {
         x.len()
@@ -355,6 +385,21 @@ impl Backend for CudaBackend {
     }
 
     // ---- optimizer -------------------------------------------------------------------------------
+    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut CudaSlice<u32>, keys: &CudaSlice<f32>,
+                    users: &CudaSlice<u32>, dim: usize, ptr: usize) {
+        let (b, nslots) = (users.len(), bank_users.len());
+        assert_eq!(keys.len(), b * dim, "ring_enqueue: keys are [{b}, {dim}]");
+        assert!(ptr < nslots.max(1), "ring_enqueue: pointer {ptr} outside a bank of {nslots} slots");
+        if b == 0 || nslots == 0 {
+            return;
+        }
+        let (b32, d32, k32, p32) = (u32_of(b, "batch"), u32_of(dim, "dim"), u32_of(nslots, "bank slots"), ptr as u32);
+        let cfg = cfg_elems(b.min(nslots) * dim);
+        with_stored!(bank, |x, suffix| {
+            launch!(self, &format!("ring_enqueue_{suffix}"), cfg; x, bank_users, keys, users, &b32, &d32, &k32, &p32)
+        });
+    }
+
     fn sum_squares(&self, x: &CudaSlice<f32>, offset: usize, len: usize) -> f64 {
         assert!(offset + len <= x.len(), "sum_squares out of bounds");
         if len == 0 {
@@ -823,7 +868,7 @@ impl Backend for CudaBackend {
         launch!(self, "mse_partials_f32", cfg; &mut partials, a, b, &n64);
         self.finish(&partials, g, n.max(1) as f64)
     }
-    fn infonce_bank(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, bank: &CudaSlice<f32>, bank_users: &CudaSlice<u32>,
+    fn infonce_bank(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, bank: &Stored<Self>, bank_users: &CudaSlice<u32>,
                     users: &CudaSlice<u32>, d: usize, tau: f32) -> CudaSlice<f32> {
         let b = users.len();
         let mut out = self.alloc(1);
@@ -833,7 +878,7 @@ impl Backend for CudaBackend {
         launch!(self, "infonce_loss_f32", cfg; &mut out, &lse, &pos, &b32);
         out
     }
-    fn infonce_bank_backward(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, bank: &CudaSlice<f32>,
+    fn infonce_bank_backward(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, bank: &Stored<Self>,
                              bank_users: &CudaSlice<u32>, users: &CudaSlice<u32>, d: usize, tau: f32,
                              dloss: &CudaSlice<f32>, dq: Option<&mut CudaSlice<f32>>, dk: Option<&mut CudaSlice<f32>>) {
         let b = users.len();
@@ -844,7 +889,10 @@ impl Backend for CudaBackend {
         let (b32, kb, d32, inv_tau) = (b as u32, u32_of(bank_users.len(), "bank slots"), d as u32, (1.0f32 / tau) as f64);
         let cfg = LaunchConfig { grid_dim: (b32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         if let Some(dq) = dq {
-            launch!(self, "infonce_dq_f32", cfg; dq, &lse, q, k, bank, bank_users, users, dloss, &b32, &kb, &d32, &inv_tau);
+            with_stored!(bank, |x, suffix| {
+                launch!(self, &format!("infonce_dq_{suffix}"), cfg; dq, &lse, q, k, x, bank_users, users, dloss, &b32, &kb,
+                        &d32, &inv_tau)
+            });
         }
         if let Some(dk) = dk {
             launch!(self, "infonce_dk_f32", cfg; dk, &lse, q, k, dloss, &b32, &d32, &inv_tau);
@@ -883,20 +931,24 @@ impl Backend for CudaBackend {
 impl CudaBackend {
     /// Per-query (log-sum-exp, positive logit) of the fused InfoNCE, in f64 on the device.
     #[allow(clippy::too_many_arguments)]
-    fn infonce_rows(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, bank: &CudaSlice<f32>, bank_users: &CudaSlice<u32>,
+    fn infonce_rows(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, bank: &Stored<Self>, bank_users: &CudaSlice<u32>,
                     users: &CudaSlice<u32>, d: usize, tau: f32) -> (CudaSlice<f64>, CudaSlice<f64>) {
         let b = users.len();
         // infonce_bank.cu keeps ≤ 4 accumulators per thread of a 256-thread block.
         assert!(d <= 4 * BLOCK as usize, "infonce_bank: d = {d} > {} is not supported by the CUDA kernel", 4 * BLOCK);
         assert_eq!(q.len(), b * d, "infonce_bank: q shape");
         assert_eq!(k.len(), b * d, "infonce_bank: k shape");
-        assert_eq!(bank.len(), bank_users.len() * d, "infonce_bank: bank shape");
+        let bank_len = with_stored!(bank, |x, _suffix| x.len());
+        assert_eq!(bank_len, bank_users.len() * d, "infonce_bank: bank shape");
         let mut lse = self.alloc_f64(b);
         let mut pos = self.alloc_f64(b);
         if b > 0 {
             let (b32, kb, d32, inv_tau) = (b as u32, u32_of(bank_users.len(), "bank slots"), d as u32, (1.0f32 / tau) as f64);
             let cfg = LaunchConfig { grid_dim: (b32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "infonce_rows_f32", cfg; &mut lse, &mut pos, q, k, bank, bank_users, users, &b32, &kb, &d32, &inv_tau);
+            with_stored!(bank, |x, suffix| {
+                launch!(self, &format!("infonce_rows_{suffix}"), cfg; &mut lse, &mut pos, q, k, x, bank_users, users, &b32,
+                        &kb, &d32, &inv_tau)
+            });
         }
         (lse, pos)
     }

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 /// What the user should do about a CUDA driver error, from its message (which names the error code).
 pub fn advice(msg: &str) -> &'static str {
     if msg.contains("OUT_OF_MEMORY") {
-        "the GPU ran out of memory: lower train.batch_size, sasrec.max_len or ur4rec.bank_size, store the bank and \
-         tables in half precision, or use --device cpu"
+        "the GPU ran out of memory: lower train.batch_size, sasrec.max_len or ur4rec.bank_size, store the bank in \
+         half precision (ur4rec.bank_format = \"bf16\"), or use --device cpu"
     } else if msg.contains("UNSUPPORTED_PTX_VERSION") || msg.contains("INVALID_PTX") {
         "the CUDA driver is older than the NVRTC that compiled the kernels (CUDA 13 needs driver 580 or newer): \
          update the driver or use --device cpu"

@@ -71,22 +71,32 @@ impl MemoryBank {
             keys.len(),
             self.dim
         );
-        if b == 0 {
-            return;
+        let d = self.dim;
+        let slots: Vec<(usize, usize)> = self.destinations(b).collect();
+        for (r, slot) in slots {
+            self.keys[slot * d..(slot + 1) * d].copy_from_slice(&keys[r * d..(r + 1) * d]);
         }
-        // Rows that a one-by-one write would overwrite within this batch are skipped.
-        let skip = b.saturating_sub(self.size);
-        self.ptr = (self.ptr + skip) % self.size;
-        let mut row = skip;
-        while row < b {
-            let n = (b - row).min(self.size - self.ptr);
-            let (d, p) = (self.dim, self.ptr);
-            self.keys[p * d..(p + n) * d].copy_from_slice(&keys[row * d..(row + n) * d]);
-            self.users[p..p + n].copy_from_slice(&users[row..row + n]);
-            self.steps[p..p + n].fill(step);
-            self.ptr = (p + n) % self.size;
-            row += n;
+        self.record(users, step);
+    }
+
+    /// `(batch row, slot)` of each row an enqueue of `b` rows writes: row `r` goes to slot
+    /// `(ptr + r) mod size`, except the first `b − size` rows, which later rows of the same batch would
+    /// overwrite (so the surviving rows land in distinct slots). `Backend::ring_enqueue` implements the same
+    /// rule on the device.
+    pub fn destinations(&self, b: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (b.saturating_sub(self.size)..b).map(move |r| (r, (self.ptr + r) % self.size))
+    }
+
+    /// The bookkeeping of an enqueue of `users.len()` rows — slot users and steps, pointer, fill — without the
+    /// keys (a [`super::DeviceBank`] writes those on the device).
+    pub fn record(&mut self, users: &[u32], step: u64) {
+        let b = users.len();
+        let slots: Vec<(usize, usize)> = self.destinations(b).collect();
+        for (r, slot) in slots {
+            self.users[slot] = users[r];
+            self.steps[slot] = step;
         }
+        self.ptr = (self.ptr + b) % self.size;
         self.filled = (self.filled + b).min(self.size);
     }
 
