@@ -1,5 +1,6 @@
-//! Small dense f64 linear algebra on the host: Cholesky, log-determinant and SPD inverse for the LogDet
-//! diversity term (matrices are batch × batch, so the host is the right place even with a GPU).
+//! Small dense f64 linear algebra: Cholesky, log-determinant and SPD inverse for the LogDet
+//! diversity term (matrices are batch × batch). The CPU backend runs these; `kernels/logdet.cu` repeats the
+//! same operations in the same order on the GPU.
 
 /// Lower-triangular Cholesky factor `L` with `A = L Lᵀ`, or `None` if `A` is not positive definite.
 pub fn cholesky(a: &[f64], n: usize) -> Option<Vec<f64>> {

@@ -478,22 +478,14 @@ impl<'a, B: Backend> Tape<'a, B> {
         let sq = self.mul(d, d);
         self.mean(sq)
     }
-    /// `log det(G)` of a symmetric positive-definite matrix through its Cholesky factor (computed on the
-    /// host in f64: these matrices are batch-sized). A matrix that is not positive definite gives NaN,
+    /// `log det(G)` of a symmetric positive-definite matrix through its Cholesky factor in f64
+    /// (`Backend::logdet_spd`, on the device with the GPU). A matrix that is not positive definite gives NaN,
     /// which the trainer's non-finite guard reports.
     pub fn logdet(&mut self, g: Var) -> Var {
         let s = self.shape(g).to_vec();
         assert!(s.len() == 2 && s[0] == s[1], "logdet: G must be square, got {s:?}");
-        let n = s[0];
-        let host: Vec<f64> = self.to_host(g).iter().map(|&v| v as f64).collect();
-        let (value, inverse) = match crate::linalg::cholesky(&host, n) {
-            Some(l) => (crate::linalg::cholesky_logdet(&l, n), crate::linalg::cholesky_inverse(&l, n)),
-            None => (f64::NAN, vec![f64::NAN; n * n]),
-        };
-        let inverse: Vec<f32> = inverse.iter().map(|&v| v as f32).collect();
-        let ib = self.backend.from_host(&inverse);
-        let y = self.backend.from_host(&[value as f32]);
-        self.push(vec![], y, Op::LogDet { g, inverse: ib }, &[g])
+        let (y, inverse) = self.backend.logdet_spd(self.value(g), s[0]);
+        self.push(vec![], y, Op::LogDet { g, inverse }, &[g])
     }
 
     // ---- backward ----------------------------------------------------------------------------------
@@ -763,8 +755,8 @@ impl<'a, B: Backend> Tape<'a, B> {
             Op::LogDet { g: gm, inverse } => {
                 // d log det G / dG = G⁻ᵀ = G⁻¹ (symmetric).
                 if let Some(mut gx) = self.take_grad(*gm) {
-                    let gs = be.read_scalar(g);
-                    be.axpy(&mut gx, gs, inverse);
+                    // gx += g[0] · G⁻¹ with the upstream scalar left on the device (a 1-row row_scale_acc).
+                    be.row_scale_acc(&mut gx, g, inverse, numel(&self.nodes[gm.0].shape));
                     self.put_grad(*gm, gx);
                 }
             }

@@ -501,6 +501,38 @@ fn infonce_bank_parity() {
     parity!("infonce", infonce_ops);
 }
 
+// ---- LogDet: Cholesky log-determinant and inverse -----------------------------------------------------
+
+/// `F Fᵀ + 0.1·I` for random unit rows `F: [n, d]` (the diversity term's Gram matrix), at sizes around and
+/// above the block's thread count, and a matrix that is not positive definite (NaN value and inverse on both).
+fn logdet_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &(n, d)) in [(1usize, 3usize), (5, 4), (33, 16), (256, 64), (300, 256)].iter().enumerate() {
+        let mut rng = Rng::new(1400 + t as u64);
+        let mut f = rand(&mut rng, n * d);
+        normalize_rows(&mut f, d);
+        let g: Vec<f32> = (0..n * n).map(|e| {
+            let (i, j) = (e / n, e % n);
+            let dot: f32 = (0..d).map(|x| f[i * d + x] * f[j * d + x]).sum();
+            dot + if i == j { 0.1 } else { 0.0 }
+        }).collect();
+        let (value, inverse) = b.logdet_spd(&b.from_host(&g), n);
+        out(b, &mut o, format!("logdet_value{n}"), &value, ELEM);
+        out(b, &mut o, format!("logdet_inverse{n}"), &inverse, ELEM);
+    }
+    // [[1, 2], [2, 1]] has a negative eigenvalue: both outputs are NaN everywhere (compared as NaN flags).
+    let (value, inverse) = b.logdet_spd(&b.from_host(&[1.0, 2.0, 2.0, 1.0]), 2);
+    let flags: Vec<f32> = b.to_host(&value).into_iter().chain(b.to_host(&inverse)).map(|v| v.is_nan() as u8 as f32).collect();
+    assert_eq!(flags, vec![1.0; 5], "an indefinite matrix gives NaN value and inverse");
+    o.push(("logdet_indefinite_nan_flags".into(), flags, EXACT));
+    o
+}
+
+#[test]
+fn logdet_parity() {
+    parity!("logdet", logdet_ops);
+}
+
 // ---- ring-buffer enqueue -------------------------------------------------------------------------------
 
 /// Batches smaller than, equal to and larger than the bank, from pointers that wrap; keys rounded on the

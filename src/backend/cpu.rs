@@ -724,6 +724,15 @@ impl Backend for CpuBackend {
         crate::backend::cpu_infonce::backward(q, k, &widened(bank), bank_users, users, d, tau, dloss[0],
                                               dq.map(|v| v.as_mut_slice()), dk.map(|v| v.as_mut_slice()));
     }
+    fn logdet_spd(&self, g: &Vec<f32>, n: usize) -> (Vec<f32>, Vec<f32>) {
+        assert_eq!(g.len(), n * n, "logdet_spd: G is [{n}, {n}]");
+        let a: Vec<f64> = g.iter().map(|&v| v as f64).collect();
+        match crate::linalg::cholesky(&a, n) {
+            Some(l) => (vec![crate::linalg::cholesky_logdet(&l, n) as f32],
+                        crate::linalg::cholesky_inverse(&l, n).iter().map(|&v| v as f32).collect()),
+            None => (vec![f32::NAN], vec![f32::NAN; n * n]),
+        }
+    }
     fn sum_all(&self, x: &Vec<f32>) -> Vec<f32> {
         vec![x.iter().map(|&v| v as f64).sum::<f64>() as f32]
     }

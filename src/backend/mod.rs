@@ -208,13 +208,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn infonce_bank_backward(&self, q: &Self::Buf, k: &Self::Buf, bank: &Stored<Self>, bank_users: &Self::Idx,
                              users: &Self::Idx, d: usize, tau: f32, dloss: &Self::Buf, dq: Option<&mut Self::Buf>,
                              dk: Option<&mut Self::Buf>);
+    /// `(log det G, G⁻¹)` of a symmetric positive-definite `g: [n, n]` by a Cholesky factorisation in f64 (the
+    /// LogDet diversity term and its gradient); the value is a 1-element buffer, kept on the device. A matrix
+    /// that is not positive definite gives NaN for both, which the trainer's non-finite guard reports.
+    fn logdet_spd(&self, g: &Self::Buf, n: usize) -> (Self::Buf, Self::Buf);
     /// `Σ x` as a 1-element buffer.
     fn sum_all(&self, x: &Self::Buf) -> Self::Buf;
     /// `dx += scale · c[0]` for every element (the backward of a sum); `c` is a 1-element buffer so a
     /// device backend never has to read it back.
     fn add_scalar_acc(&self, dx: &mut Self::Buf, c: &Self::Buf, scale: f32);
-    /// The first element, on the host. (`log det(G)` is computed by the tape through a Cholesky
-    /// factorisation on the host — the matrices are batch-sized — so it needs no backend op.)
+    /// The first element, on the host.
     fn read_scalar(&self, x: &Self::Buf) -> f32;
     /// The first element of each buffer, read back together: one synchronisation on the GPU.
     fn read_scalars(&self, xs: &[&Self::Buf]) -> Vec<f32> {

@@ -898,6 +898,21 @@ impl Backend for CudaBackend {
             launch!(self, "infonce_dk_f32", cfg; dk, &lse, q, k, dloss, &b32, &d32, &inv_tau);
         }
     }
+    fn logdet_spd(&self, g: &CudaSlice<f32>, n: usize) -> (CudaSlice<f32>, CudaSlice<f32>) {
+        assert_eq!(g.len(), n * n, "logdet_spd: G is [{n}, {n}]");
+        let (mut value, mut inverse) = (self.alloc(1), self.alloc(n * n));
+        if n > 0 {
+            let (mut l, mut y) = (self.alloc_f64(n * n), self.alloc_f64(n * n));
+            let n32 = u32_of(n, "logdet_spd n");
+            // One block: the factorisation is a sequence of n dependent steps (kernels/logdet.cu).
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "logdet_spd_f32", cfg; &mut value, &mut inverse, &mut l, &mut y, g, &n32);
+        } else {
+            let zero = self.from_host(&[0.0]); // log det of the empty matrix
+            value = zero;
+        }
+        (value, inverse)
+    }
     fn sum_all(&self, x: &CudaSlice<f32>) -> CudaSlice<f32> {
         self.mean_of(x, 1.0)
     }
