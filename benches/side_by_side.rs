@@ -68,7 +68,7 @@ fn time_steps<B: Backend>(be: &B, g: &GoldenFile, warmup: usize, steps: usize, s
         let set = JointSettings { cfg: &cfg.ur4rec, weights: weights.at(step), banks: banks.as_ref(), poison_retrieval: false };
         let o = joint_losses(&mut tape, &sasrec, &retriever, &store, 4, &batch, &set).expect("losses");
         if step == 0 {
-            let l = &o.losses;
+            let l = &o.terms.read(&tape);
             first = vec![l.total, l.sasrec, l.retrieval, l.consistency, l.contrastive, l.diversity, l.distillation];
         }
         store.zero_grads(be);

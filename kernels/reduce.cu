@@ -32,6 +32,10 @@ extern "C" __global__ void reduce_finish_f64(double* out, const double* partials
     if (threadIdx.x == 0) out[0] = s;
 }
 
+// out[0] = x[0] widened to f64: a loss value joins the gradient sums in one array, so one readback returns
+// both (CudaBackend::sum_squares_and_scalars).
+extern "C" __global__ void widen_scalar_f32(double* out, const float* x) { out[0] = (double)x[0]; }
+
 // out[c] += Σ_r x[r, c] (bias gradient). Block (32, 16): 32 adjacent columns (coalesced reads of each row),
 // 16 row lanes each summing a fixed strided subset of rows in f64, then a fixed-order combine in shared memory.
 extern "C" __global__ void sum_rows_into_f32(float* out, const float* x, unsigned int rows, unsigned int cols) {

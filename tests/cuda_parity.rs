@@ -345,6 +345,11 @@ fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
         let one_by_one: Vec<f64> = ranges.iter().map(|&(off, len)| b.sum_squares(&g, off, len)).collect();
         assert_eq!(many, one_by_one, "sum_squares_many must equal sum_squares range by range");
         o.push((format!("sum_squares_many{n}"), many.iter().map(|&v| v as f32).collect(), RED));
+        // With loss scalars read in the same transfer: the same sums, and the scalars as read_scalars reads them.
+        let (l1, l2) = (b.sum_all(&g), b.from_host(&rand(&mut rng, 2)));
+        let (sums, scalars) = b.sum_squares_and_scalars(&g, &ranges, &[&l1, &l2]);
+        assert_eq!(sums, many, "sum_squares_and_scalars: sums");
+        assert_eq!(scalars, b.read_scalars(&[&l1, &l2]), "sum_squares_and_scalars: scalars");
         out(b, &mut o, format!("sum_all{n}"), &b.sum_all(&g), RED);
         o.push((format!("read_scalar{n}"), vec![b.read_scalar(&b.sum_all(&g))], RED));
     }

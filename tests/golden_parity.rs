@@ -163,7 +163,7 @@ fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs
         } else {
             let set = JointSettings { cfg: &cfg.ur4rec, weights: weights.at(step), banks: banks.as_ref(), poison_retrieval: false };
             let o = joint_losses(&mut tape, &sasrec, &retriever, &store, stage, &batch, &set).expect("joint losses");
-            let l = &o.losses;
+            let l = &o.terms.read(&tape);
             Forward { total: o.total, terms: [l.total, l.sasrec, l.retrieval, l.consistency, l.contrastive, l.diversity, l.distillation],
                       sasrec_scores: o.sasrec_scores, retriever_scores: Some(o.retriever_scores), enqueue: o.enqueue }
         };

@@ -29,7 +29,8 @@ fn full_ur4rec_loss_gradient_matches_finite_differences() {
     let eval = |tr: &mut Trainer<CpuBackend>, grads: Option<&mut Vec<f32>>| -> (f64, f32, f32, f32) {
         tr.rng = Rng::new(5);
         let mut tape = Tape::new(&be, 1, 3);
-        let (loss, l, _) = tr.losses(&mut tape, 4, &users).unwrap().unwrap();
+        let (loss, terms, _) = tr.losses(&mut tape, 4, &users).unwrap().unwrap();
+        let l = terms.read(&tape);
         let v = tape.scalar(loss) as f64;
         if let Some(g) = grads {
             tape.backward(loss, g);

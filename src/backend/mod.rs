@@ -91,6 +91,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn sum_squares_many(&self, x: &Self::Buf, ranges: &[(usize, usize)]) -> Vec<f64> {
         ranges.iter().map(|&(offset, len)| self.sum_squares(x, offset, len)).collect()
     }
+    /// [`Backend::sum_squares_many`] of `x` and [`Backend::read_scalars`] of `scalars`, read back together: the
+    /// trainers' one host synchronisation per step (gradient check, clipping and the logged loss terms).
+    fn sum_squares_and_scalars(&self, x: &Self::Buf, ranges: &[(usize, usize)], scalars: &[&Self::Buf])
+        -> (Vec<f64>, Vec<f32>) {
+        (self.sum_squares_many(x, ranges), self.read_scalars(scalars))
+    }
     /// One fused AdamW update of `p[offset .. offset + len]` (decoupled weight decay; see `train::optim`).
     #[allow(clippy::too_many_arguments)]
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, offset: usize,

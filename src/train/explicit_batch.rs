@@ -65,7 +65,8 @@ pub struct JointSettings<'c, B: Backend> {
 /// What [`joint_losses`] built on the tape.
 pub struct JointOutput<B: Backend> {
     pub total: Var,
-    pub losses: StepLosses,
+    /// The loss terms (read with [`LossTerms::read`], or by the trainer with the gradient sums).
+    pub terms: LossTerms,
     /// SASRec's candidate scores `[B, 1 + k]` (stages 3–4).
     pub sasrec_scores: Option<Var>,
     /// The retriever's candidate logits `[B, 1 + k]`.
@@ -85,7 +86,7 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
     ensure!((2..=4).contains(&stage), "joint_losses: stage {stage} (stage 1 is objective::sasrec_objective)");
     ensure!(n > 0 && batch.cands.len() == n * j, "joint_losses: {} candidates for {n} users × {j}", batch.cands.len());
     let w = set.weights;
-    let mut read = TermVars::default();
+    let mut read = LossTerms::default();
     let mut terms: Vec<Var> = Vec::new();
     // SASRec: BPR of the last training item against the negatives (needed in stages 3–4, and for KD).
     let s = if stage >= 3 {
@@ -175,29 +176,40 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
     for &t in &terms[1..] {
         total = tape.add(total, t);
     }
-    let l = read.read(tape, total);
-    Ok(JointOutput { total, losses: l, sasrec_scores: s, retriever_scores: r, enqueue })
+    read.total = Some(total);
+    Ok(JointOutput { total, terms: read, sasrec_scores: s, retriever_scores: r, enqueue })
 }
 
-/// The loss terms' tape variables, read back to the host together at the end of the step: one device
-/// synchronisation for all of them instead of one per term.
-#[derive(Default)]
-struct TermVars {
-    sasrec: Option<Var>,
-    retrieval: Option<Var>,
-    consistency: Option<Var>,
-    contrastive: Option<Var>,
-    diversity: Option<Var>,
-    distillation: Option<Var>,
+/// The loss terms' tape variables. They are read back to the host together, after the backward and with the
+/// gradient sums the guard and the clipping need (`guard::read_step`): one device synchronisation a step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossTerms {
+    pub total: Option<Var>,
+    pub sasrec: Option<Var>,
+    pub retrieval: Option<Var>,
+    pub consistency: Option<Var>,
+    pub contrastive: Option<Var>,
+    pub diversity: Option<Var>,
+    pub distillation: Option<Var>,
 }
 
-impl TermVars {
-    fn read<B: Backend>(&self, tape: &Tape<B>, total: Var) -> StepLosses {
-        let fields = [self.sasrec, self.retrieval, self.consistency, self.contrastive, self.diversity, self.distillation];
-        let vars: Vec<Var> = fields.iter().flatten().copied().chain([total]).collect();
-        let mut values = tape.scalars(&vars).into_iter();
-        let mut next = |v: Option<Var>| v.map(|_| values.next().expect("one value per variable")).unwrap_or(0.0);
-        let [sasrec, retrieval, consistency, contrastive, diversity, distillation] = fields.map(&mut next);
-        StepLosses { total: next(Some(total)), sasrec, retrieval, consistency, contrastive, diversity, distillation }
+impl LossTerms {
+    fn fields(&self) -> [Option<Var>; 7] {
+        [self.total, self.sasrec, self.retrieval, self.consistency, self.contrastive, self.diversity, self.distillation]
+    }
+    /// The variables to read, in the order [`LossTerms::values`] expects their values.
+    pub fn vars(&self) -> Vec<Var> {
+        self.fields().iter().flatten().copied().collect()
+    }
+    /// The losses from the values of [`LossTerms::vars`] (0 for a term that is off).
+    pub fn values(&self, values: &[f32]) -> StepLosses {
+        let mut values = values.iter().copied();
+        let [total, sasrec, retrieval, consistency, contrastive, diversity, distillation] =
+            self.fields().map(|v| v.map(|_| values.next().expect("one value per variable")).unwrap_or(0.0));
+        StepLosses { total, sasrec, retrieval, consistency, contrastive, diversity, distillation }
+    }
+    /// Reads the losses on their own (tests and benchmarks; the trainer reads them with the gradient sums).
+    pub fn read<B: Backend>(&self, tape: &Tape<B>) -> StepLosses {
+        self.values(&tape.scalars(&self.vars()))
     }
 }

@@ -57,13 +57,29 @@ pub fn check_losses(terms: &[(&str, f32)]) -> Option<NonFinite> {
 /// Each parameter's gradient sum of squares (0 for a frozen parameter), in one backend pass — one host
 /// read on the GPU. The guard and the optimizer's clipping share it.
 pub fn grad_sum_squares<B: Backend>(backend: &B, store: &ParamStore<B>) -> Vec<f64> {
+    read_step(backend, store, &[]).grad_sums
+}
+
+/// What a step reads back after its backward, in one host read on the GPU.
+pub struct StepReadback {
+    /// [`grad_sum_squares`].
+    pub grad_sums: Vec<f64>,
+    /// The values of the 1-element loss buffers asked for, in order.
+    pub losses: Vec<f32>,
+}
+
+/// The gradient sums of [`grad_sum_squares`] and the step's loss values together: the guard checks the
+/// losses, then the gradients, and the clipping uses the sums — one synchronisation per step. (A step with a
+/// non-finite loss has run its backward for nothing; it is skipped all the same.)
+pub fn read_step<B: Backend>(backend: &B, store: &ParamStore<B>, losses: &[&B::Buf]) -> StepReadback {
     let trainable: Vec<usize> = (0..store.infos.len()).filter(|&i| store.infos[i].trainable).collect();
     let ranges: Vec<(usize, usize)> = trainable.iter().map(|&i| (store.infos[i].offset, store.infos[i].len)).collect();
-    let mut sums = vec![0.0; store.infos.len()];
-    for (i, s) in trainable.into_iter().zip(backend.sum_squares_many(&store.grads, &ranges)) {
-        sums[i] = s;
+    let (trainable_sums, losses) = backend.sum_squares_and_scalars(&store.grads, &ranges, losses);
+    let mut grad_sums = vec![0.0; store.infos.len()];
+    for (i, s) in trainable.into_iter().zip(trainable_sums) {
+        grad_sums[i] = s;
     }
-    sums
+    StepReadback { grad_sums, losses }
 }
 
 /// The first trainable parameter, in storage order, whose gradient sum of squares (from

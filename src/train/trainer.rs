@@ -171,17 +171,17 @@ pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store:
     let Some(bl) = sasrec_loss(&mut tape, model, &vars, &data.split.train, users, &data.sampler, rng, t.objective,
                                t.negatives) else { return Ok(None) };
     let loss_var = if t.inject_nan(step) { tape.scale(bl.loss, f32::NAN) } else { bl.loss };
-    let loss = tape.scalar(loss_var);
+    store.zero_grads(backend);
+    tape.backward(loss_var, &mut store.grads);
+    // The loss and one pass over the gradients (the non-finite check and the clipping): one host read on the GPU.
+    let read = guard::read_step(backend, store, &[tape.value(loss_var)]);
+    drop(tape);
+    let (loss, sums) = (read.losses[0], read.grad_sums);
     let skipped = |what| Ok(Some(StepOutcome { loss, grad_norm: f64::NAN, sequences: bl.sequences, tokens: bl.tokens,
                                                skipped: Some(what) }));
     if let Some(what) = guard::check_losses(&[("sasrec", loss)]) {
         return skipped(what);
     }
-    store.zero_grads(backend);
-    tape.backward(loss_var, &mut store.grads);
-    drop(tape);
-    // One pass over the gradients serves the non-finite check and the clipping (one host read on the GPU).
-    let sums = guard::grad_sum_squares(backend, store);
     if let Some(what) = guard::first_non_finite(store, &sums) {
         return skipped(what);
     }

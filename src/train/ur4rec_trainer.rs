@@ -14,7 +14,7 @@ use crate::ranking::{evaluate_ur4rec, EvalTarget, Ur4RecEval};
 use crate::report::RunDir;
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
-use crate::train::explicit_batch::{joint_losses, JointBatch, JointSettings};
+use crate::train::explicit_batch::{joint_losses, JointBatch, JointSettings, LossTerms};
 use crate::train::objective::sasrec_loss;
 use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
@@ -221,10 +221,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.store.groups.iter().map(|g| if g.name == "sasrec" { t.lr * f } else { self.cfg.ur4rec.retriever_lr * f }).collect()
     }
 
-    /// Builds the loss of one batch of users (0-based) on `tape`; returns the total, its terms and (with a
-    /// memory bank) the batch's text and visual keys to enqueue after the step.
+    /// Builds the loss of one batch of users (0-based) on `tape`; returns the total, its terms (tape variables,
+    /// not read yet) and (with a memory bank) the batch's text and visual keys to enqueue after the step.
     #[allow(clippy::type_complexity)]
-    pub fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, StepLosses, Option<(B::Buf, B::Buf)>)>> {
+    pub fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, LossTerms, Option<(B::Buf, B::Buf)>)>> {
         let cfg = &self.cfg.ur4rec;
         let data = self.data;
         let users: Vec<usize> = users.iter().copied().filter(|&u| data.split.train[u].len() >= 2).collect();
@@ -233,13 +233,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         if stage == 1 {
             let sv = self.model.sasrec.bind(tape, &self.store);
-            let mut l = StepLosses::default();
             let Some(bl) = sasrec_loss(tape, &self.model.sasrec, &sv, &data.split.train, &users, &data.sampler, &mut self.rng,
                                        self.cfg.train.objective, cfg.negatives) else { return Ok(None) };
             let loss = if self.cfg.train.inject_nan(self.step) { tape.scale(bl.loss, f32::NAN) } else { bl.loss };
-            l.sasrec = tape.scalar(loss);
-            l.total = l.sasrec;
-            return Ok(Some((loss, l, None)));
+            let terms = LossTerms { total: Some(loss), sasrec: Some(loss), ..Default::default() };
+            return Ok(Some((loss, terms, None)));
         }
         // The batch as plain arrays (explicit_batch.rs computes its losses): column 0 the last training item,
         // then `negatives` samples per user.
@@ -261,7 +259,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let set = JointSettings { cfg, weights: self.weights.at(self.step), banks: self.banks.as_ref(),
                                   poison_retrieval: self.cfg.train.inject_nan(self.step) };
         let o = joint_losses(tape, &self.model.sasrec, &self.model.retriever, &self.store, stage, &batch, &set)?;
-        Ok(Some((o.total, o.losses, o.enqueue)))
+        Ok(Some((o.total, o.terms, o.enqueue)))
     }
 
     /// One training step of `stage` on `users` (0-based) at global step `self.step` (not advanced here):
@@ -270,7 +268,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub fn train_step(&mut self, stage: usize, users: &[usize], lrs: &[f32]) -> Result<Option<StepResult>> {
         let backend = self.backend;
         let mut tape = Tape::new(backend, self.cfg.seed, self.step as u64);
-        let Some((loss, losses, enqueue)) = self.losses(&mut tape, stage, users)? else { return Ok(None) };
+        let Some((loss, terms, enqueue)) = self.losses(&mut tape, stage, users)? else { return Ok(None) };
+        self.store.zero_grads(backend);
+        tape.backward(loss, &mut self.store.grads);
+        // The loss terms and one pass over the gradients (the non-finite check and the clipping) come back
+        // together: one host read on the GPU.
+        let values: Vec<&B::Buf> = terms.vars().into_iter().map(|v| tape.value(v)).collect();
+        let read = guard::read_step(backend, &self.store, &values);
+        drop(tape);
+        let (losses, sums) = (terms.values(&read.losses), read.grad_sums);
         let skipped = |losses, what| Ok(Some(StepResult { losses, grad_norm: BTreeMap::new(), skipped: Some(what) }));
         // Only the total reaches the weights (a term with weight 0 may be computed and not used); a bad total
         // is attributed to the first bad term.
@@ -278,11 +284,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let what = guard::check_losses(&losses.terms()).expect("the total is non-finite");
             return skipped(losses, what);
         }
-        self.store.zero_grads(backend);
-        tape.backward(loss, &mut self.store.grads);
-        drop(tape);
-        // One pass over the gradients serves the non-finite check and the clipping (one host read on the GPU).
-        let sums = guard::grad_sum_squares(backend, &self.store);
         if let Some(what) = guard::first_non_finite(&self.store, &sums) {
             return skipped(losses, what);
         }

@@ -419,9 +419,15 @@ impl Backend for CudaBackend {
     }
 
     fn sum_squares_many(&self, x: &CudaSlice<f32>, ranges: &[(usize, usize)]) -> Vec<f64> {
+        self.sum_squares_and_scalars(x, ranges, &[]).0
+    }
+
+    fn sum_squares_and_scalars(&self, x: &CudaSlice<f32>, ranges: &[(usize, usize)], scalars: &[&CudaSlice<f32>])
+        -> (Vec<f64>, Vec<f32>) {
         // The same two kernels as `sum_squares` per range (so the same bits), each finishing into its own
-        // slot of one device array; the stream orders the launches, so one partials buffer serves all.
-        let mut out = self.alloc_f64(ranges.len());
+        // slot of one device array; the stream orders the launches, so one partials buffer serves all. The
+        // scalars are widened into the slots after them, so a single readback returns everything.
+        let mut out = self.alloc_f64(ranges.len() + scalars.len());
         let mut partials = self.alloc_f64(REDUCE_GRID);
         for (i, &(offset, len)) in ranges.iter().enumerate() {
             assert!(offset + len <= x.len(), "sum_squares_many: range {i} out of bounds");
@@ -438,9 +444,17 @@ impl Backend for CudaBackend {
             let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "reduce_finish_f64", cfg1; &mut slot, &partials, &np);
         }
-        let mut host = check(self.stream.clone_dtoh(&out), "sum_squares_many readback");
-        host.truncate(ranges.len());
-        host
+        for (i, s) in scalars.iter().enumerate() {
+            assert!(!s.is_empty(), "sum_squares_and_scalars: scalar {i} is empty");
+            let at = ranges.len() + i;
+            let mut slot = out.slice_mut(at..at + 1);
+            let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "widen_scalar_f32", cfg1; &mut slot, *s);
+        }
+        let host = check(self.stream.clone_dtoh(&out), "sum_squares_and_scalars readback");
+        let (sums, tail) = host.split_at(ranges.len());
+        // f32 → f64 → f32 is exact.
+        (sums.to_vec(), tail.iter().take(scalars.len()).map(|&v| v as f32).collect())
     }
 
     fn adamw(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
