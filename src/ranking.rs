@@ -138,13 +138,15 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
     let n_items = model.sasrec.num_items;
     let mut acc = Accumulators { sampled: Default::default(), full: Default::default() };
     let mut sweep_acc = vec![MetricAccumulator::default(); sweep.len()];
-    // Every item's retriever vector, once per pass (the fusion MLP runs over the whole catalogue).
+    // Every item's retriever vector, once per pass (the fusion MLP runs over the whole catalogue); it stays
+    // on the backend, and each batch takes a device-side copy.
     let all_items: Vec<u32> = (0..=n_items as u32).collect();
     let item_vectors = if cfg.full_ranking {
         let mut tape = Tape::inference(backend);
         let rv = model.retriever.bind(&mut tape, store);
         let v = model.retriever.items(&mut tape, &rv, &all_items);
-        Some(tape.to_host(v))
+        let value = tape.value(v);
+        Some(backend.copy_range(value, 0, backend.len(value)))
     } else {
         None
     };
@@ -188,7 +190,7 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
             let w = n_items + 1;
             let s_all = tape.matmul(h, sv.item_table, false, true);
             let d = model.retriever.cfg.dim;
-            let items = tape.constant(&[w, d], iv);
+            let items = tape.constant_buf(&[w, d], backend.copy_range(iv, 0, w * d));
             let r_all = tape.matmul(p, items, false, true);
             let r_all = tape.scale(r_all, model.retriever.logit_scale());
             let (s_all, r_all) = (tape.to_host(s_all), tape.to_host(r_all));
