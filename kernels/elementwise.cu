@@ -87,3 +87,20 @@ extern "C" __global__ void softplus_f32(float* out, const float* x, unsigned lon
 extern "C" __global__ void softplus_backward_f32(float* dx, const float* x, const float* dy, unsigned long long n) {
     GRID_STRIDE(i, n) dx[i] += dy[i] * sigmoid_f(x[i]);
 }
+
+// x ← x rounded to a 16-bit format and widened back (train.table_format: the forward reads the item tables as
+// 16-bit storage holds them). Same rounding as the `half` crate: to nearest, ties to even.
+extern "C" __global__ void round_to_bf16_f32(float* x, unsigned long long n) {
+    GRID_STRIDE(i, n) {
+        bf16_bits h;
+        store_as(&h, x[i]);
+        x[i] = to_f32(h);
+    }
+}
+extern "C" __global__ void round_to_f16_f32(float* x, unsigned long long n) {
+    GRID_STRIDE(i, n) {
+        f16_bits h;
+        store_as(&h, x[i]);
+        x[i] = to_f32(h);
+    }
+}

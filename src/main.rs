@@ -381,6 +381,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         Pipeline::Sasrec => {
             let model = ur4rec_engine::model::SasRec::new(&mut b, &cfg.sasrec, data.dataset.num_items, &mut rng);
             let mut store = b.build(&backend);
+            store.table_format = cfg.train.table_format;
             load_params(&backend, &mut store, &args.checkpoint)?;
             for (name, which) in [("valid", EvalTarget::Valid), ("test", EvalTarget::Test)] {
                 let d = if which == EvalTarget::Test { dump.as_mut() } else { None };
@@ -394,6 +395,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         Pipeline::Ur4rec => {
             let model = ur4rec_engine::model::ur4rec::Ur4Rec::new(&mut b, &cfg, &data.dataset, &data.split, &mut rng)?;
             let mut store = b.build(&backend);
+            store.table_format = cfg.train.table_format;
             load_params(&backend, &mut store, &args.checkpoint)?;
             let recorded = std::fs::read_to_string(dir.join("summary.json")).ok()
                 .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())

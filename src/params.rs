@@ -5,7 +5,7 @@
 //! one tensor per named range. Parameter groups (e.g. `sasrec`, `retriever`) are sets of ranges whose
 //! learning rate, clipping and trainable flag apply together; the trainable flag can change at any step
 //! (stage changes, progressive unfreezing) and can also be set per parameter.
-use crate::backend::Backend;
+use crate::backend::{Backend, StoreFormat};
 use crate::rng::Rng;
 
 #[derive(Clone, Debug)]
@@ -19,6 +19,8 @@ pub struct ParamInfo {
     pub trainable: bool,
     /// AdamW weight decay applies to this parameter (the reference decays everything; kept configurable).
     pub decay: bool,
+    /// An item embedding table: the forward reads it in [`ParamStore::table_format`] (`Tape::param`).
+    pub table: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -84,8 +86,14 @@ impl ParamBuilder {
                 self.values.extend(v);
             }
         }
-        self.infos.push(ParamInfo { name: name.to_string(), shape: shape.to_vec(), offset, len, group, trainable: true, decay: true });
+        self.infos.push(ParamInfo { name: name.to_string(), shape: shape.to_vec(), offset, len, group, trainable: true, decay: true,
+                                       table: false });
         ParamId(self.infos.len() - 1)
+    }
+
+    /// Marks `id` as an item embedding table (see [`ParamInfo::table`]).
+    pub fn mark_table(&mut self, id: ParamId) {
+        self.infos[id.0].table = true;
     }
 
     pub fn build<B: Backend>(self, backend: &B) -> ParamStore<B> {
@@ -97,6 +105,7 @@ impl ParamBuilder {
             v: backend.zeros(n),
             infos: self.infos,
             groups: self.groups,
+            table_format: StoreFormat::F32,
         }
     }
 }
@@ -109,6 +118,9 @@ pub struct ParamStore<B: Backend> {
     pub v: B::Buf,
     pub infos: Vec<ParamInfo>,
     pub groups: Vec<GroupInfo>,
+    /// The storage format the forward reads the item embedding tables in (`train.table_format`); the
+    /// master values above stay f32.
+    pub table_format: StoreFormat,
 }
 
 impl<B: Backend> ParamStore<B> {
@@ -157,5 +169,41 @@ impl<B: Backend> ParamStore<B> {
         let p = &self.infos[id.0];
         assert_eq!(values.len(), p.len, "set_values({})", p.name);
         backend.write_range(&mut self.values, p.offset, &backend.from_host(values));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::tape::Tape;
+
+    /// With a 16-bit table format the forward sees the item table rounded (and nothing else), while the
+    /// gradient reaches the f32 master unchanged.
+    #[test]
+    fn tables_are_read_in_the_table_format_and_train_in_f32() {
+        let be = CpuBackend::new();
+        let mut rng = Rng::new(3);
+        let mut b = ParamBuilder::new();
+        let table = b.add("g", "table", &[4, 3], Init::Normal(1.0), &mut rng);
+        b.mark_table(table);
+        let dense = b.add("g", "dense", &[3], Init::Normal(1.0), &mut rng);
+        let mut store = b.build(&be);
+        let master = store.values.clone();
+        for format in [StoreFormat::F32, StoreFormat::Bf16, StoreFormat::F16] {
+            store.table_format = format;
+            let mut tape = Tape::new(&be, 0, 0);
+            let (t, d) = (tape.param(&store, table), tape.param(&store, dense));
+            let want: Vec<f32> = master[..12].iter().map(|&v| format.round(v)).collect();
+            assert_eq!(tape.to_host(t), want, "{format:?}: the table as stored");
+            assert_eq!(tape.to_host(d), master[12..], "{format:?}: other parameters are not rounded");
+            if format != StoreFormat::F32 {
+                assert_ne!(want, master[..12], "{format:?}: the random values do round");
+            }
+            let s = tape.sum(t);
+            store.zero_grads(&be);
+            tape.backward(s, &mut store.grads);
+            assert_eq!(store.grads[..12], [1.0; 12], "{format:?}: the gradient of the sum reaches the master");
+        }
     }
 }

@@ -129,7 +129,11 @@ impl<'a, B: Backend> Tape<'a, B> {
     /// A parameter: its gradient is added into `store.grads` by `backward` when it is trainable.
     pub fn param(&mut self, store: &ParamStore<B>, id: ParamId) -> Var {
         let p = store.info(id);
-        let value = self.backend.copy_range(&store.values, p.offset, p.len);
+        let mut value = self.backend.copy_range(&store.values, p.offset, p.len);
+        if p.table && store.table_format != StoreFormat::F32 {
+            // The forward sees the table as 16-bit storage holds it; the gradient goes to the f32 master.
+            self.backend.round_to_format(&mut value, store.table_format);
+        }
         let needs_grad = self.record && p.trainable;
         self.nodes.push(Node { shape: p.shape.clone(), value, grad: None, needs_grad, op: Op::Param { offset: p.offset } });
         Var(self.nodes.len() - 1)

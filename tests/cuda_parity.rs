@@ -126,6 +126,12 @@ fn elementwise_ops<B: Backend>(b: &B) -> Outputs {
         let dy = b.from_host(&rand(&mut rng, n));
         let d0 = rand(&mut rng, n);
         out(b, &mut o, format!("add{n}"), &b.add(&x, &y), ELEM);
+        // 16-bit rounding must be the `half` crate's, bit for bit (exact: the same ties-to-even rule).
+        for format in [StoreFormat::Bf16, StoreFormat::F16] {
+            let mut r = b.from_host(&xs);
+            b.round_to_format(&mut r, format);
+            out(b, &mut o, format!("round_to_{}{n}", format.name()), &r, EXACT);
+        }
         out(b, &mut o, format!("mul{n}"), &b.mul(&x, &y), ELEM);
         out(b, &mut o, format!("scale{n}"), &b.scale(&x, 0.3), ELEM);
         out(b, &mut o, format!("relu{n}"), &b.relu(&x), ELEM);

@@ -127,13 +127,14 @@ fn ur4rec_training_steps_match_the_cpu() {
     check("ur4rec", &lc, &lg, &wc, &wg);
 }
 
-/// The same with the bank stored in bf16 on both backends (keys rounded by the `half` crate on the CPU and
-/// by `cvt.rn.bf16.f32` on the GPU; the kernels widen them as they read).
+/// The same with the bank stored in bf16 and the item tables read as bf16 on both backends (rounded by the
+/// `half` crate on the CPU and by `cvt.rn.bf16.f32` on the GPU; the kernels widen them as they read).
 #[test]
-fn ur4rec_training_steps_with_a_bf16_bank_match_the_cpu() {
+fn ur4rec_training_steps_with_bf16_bank_and_tables_match_the_cpu() {
     let Some(g) = gpu_or_skip() else { return };
     let mut cfg = ur4rec_cfg();
     cfg.ur4rec.bank_format = ur4rec_engine::backend::StoreFormat::Bf16;
+    cfg.train.table_format = ur4rec_engine::backend::StoreFormat::Bf16;
     let data = ur4rec_data(&cfg);
     let (lc, wc) = ur4rec_run(&CpuBackend::new(), &cfg, &data, 4);
     let (lg, wg) = ur4rec_run(&g, &cfg, &data, 4);

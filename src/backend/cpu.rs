@@ -230,6 +230,11 @@ impl Backend for CpuBackend {
     fn write_range(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) {
         dst[offset..offset + src.len()].copy_from_slice(src);
     }
+    fn round_to_format(&self, x: &mut Vec<f32>, format: stored::StoreFormat) {
+        if format != stored::StoreFormat::F32 {
+            x.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = format.round(*v)));
+        }
+    }
     fn axpy(&self, y: &mut Vec<f32>, a: f32, x: &Vec<f32>) {
         acc1_indexed(y, x, |_, x| a * x);
     }

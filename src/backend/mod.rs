@@ -66,6 +66,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn add_into_range(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf);
     /// `dst[offset .. offset + src.len()] = src`.
     fn write_range(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf);
+    /// Rounds every element to `format` (to nearest, ties to even, as the `half` crate) and back to f32.
+    fn round_to_format(&self, x: &mut Self::Buf, format: StoreFormat);
     /// `y += a * x`.
     fn axpy(&self, y: &mut Self::Buf, a: f32, x: &Self::Buf);
     fn fill(&self, x: &mut Self::Buf, value: f32);

@@ -125,10 +125,12 @@ impl Retriever {
         let text_proj = projection(b, "retriever", "retriever.text_proj", text_dim, cfg, rng);
         let item_text = b.add("retriever", "retriever.item_text", &[num_items + 1, cfg.dim],
                               Init::NormalPadded(xavier(num_items, cfg.dim)), rng);
+        b.mark_table(item_text);
         let visual = visual_dim.map(|dv| {
             let proj = projection(b, "visual", "retriever.visual_proj", dv, cfg, rng);
             let table = b.add("visual", "retriever.item_visual", &[num_items + 1, cfg.dim],
                               Init::NormalPadded(xavier(num_items, cfg.dim)), rng);
+            b.mark_table(table);
             let d = cfg.dim;
             let fusion = match cfg.fusion {
                 FusionKind::Concat => Fusion {

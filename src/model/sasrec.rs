@@ -90,6 +90,7 @@ impl SasRec {
         assert!(d.is_multiple_of(cfg.heads), "hidden {} must be divisible by heads {}", d, cfg.heads);
         let item_embedding = b.add("sasrec", "sasrec.item_embedding", &[num_items + 1, d],
                                    Init::NormalPadded(xavier(num_items + 1, d)), rng);
+        b.mark_table(item_embedding);
         let position_embedding = b.add("sasrec", "sasrec.position_embedding", &[cfg.max_len, d],
                                        Init::Normal(xavier(cfg.max_len, d)), rng);
         let blocks = (0..cfg.blocks).map(|i| {

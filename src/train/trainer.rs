@@ -269,6 +269,7 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
     let mut builder = ParamBuilder::new();
     let model = SasRec::new(&mut builder, &cfg.sasrec, data.dataset.num_items, &mut init_rng);
     let mut store = builder.build(backend);
+    store.table_format = t.table_format;
     let mut opt = AdamW::new(store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
     let users = data.split.train.len();
     let bs = t.batch_size.max(1);

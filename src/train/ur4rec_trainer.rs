@@ -179,6 +179,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut builder = ParamBuilder::new();
         let model = Ur4Rec::new(&mut builder, cfg, &data.dataset, &data.split, &mut init_rng)?;
         let mut store = builder.build(backend);
+        store.table_format = cfg.train.table_format;
         model.init_item_tables(backend, &mut store);
         let steps_per_epoch = data.split.train.len().div_ceil(cfg.train.batch_size.max(1));
         let total_steps: usize = u.stage_epochs.iter().map(|e| e * steps_per_epoch).sum();

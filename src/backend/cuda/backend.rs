@@ -385,6 +385,13 @@ impl Backend for CudaBackend {
     }
 
     // ---- optimizer -------------------------------------------------------------------------------
+    fn round_to_format(&self, x: &mut CudaSlice<f32>, format: crate::backend::StoreFormat) {
+        let n = x.len();
+        if format != crate::backend::StoreFormat::F32 && n > 0 {
+            let n64 = n as u64;
+            launch!(self, &format!("round_to_{}_f32", format.name()), cfg_elems(n); x, &n64);
+        }
+    }
     fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut CudaSlice<u32>, keys: &CudaSlice<f32>,
                     users: &CudaSlice<u32>, dim: usize, ptr: usize) {
         let (b, nslots) = (users.len(), bank_users.len());
