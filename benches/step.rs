@@ -8,10 +8,13 @@
 //! memory bank is not refreshed between steps here: same work, static contents). CPU: 1 warm-up step and
 //! `BENCH_CPU_STEPS` (default 3) timed steps per row, about a minute in all on 2 cores; GPU: 3 warm-up and
 //! `BENCH_GPU_STEPS` (default 20) timed steps, wall clock with a device synchronisation at the end.
+//! GPU only, two more rows: UR4Rec at batch 256 with the reference memory bank (65,536 slots) stored in f32
+//! and in bf16 (`ur4rec.bank_format`), with the item tables read as bf16 in the second (`train.table_format`):
+//! the speed effect of 16-bit storage.
 //! Run: `cargo bench --bench step`.
 use std::time::Instant;
 use ur4rec_engine::backend::cuda::CudaBackend;
-use ur4rec_engine::backend::{Backend, CpuBackend};
+use ur4rec_engine::backend::{Backend, CpuBackend, StoreFormat};
 use ur4rec_engine::config::{Config, ContrastiveKind};
 use ur4rec_engine::data::{self, SyntheticConfig};
 use ur4rec_engine::model::SasRec;
@@ -140,6 +143,18 @@ fn main() {
                 Some(g) => println!("{model:<8} {bsz:>6} {c:>12.1} {g:>12.1} {:>8.2}x", g / c),
                 None => println!("{model:<8} {bsz:>6} {c:>12.1} {:>12} {:>9}", "-", "-"),
             }
+        }
+    }
+    if let Some(g) = gpu.as_ref() {
+        let sync = || g.synchronize();
+        for format in [StoreFormat::F32, StoreFormat::Bf16] {
+            let mut c = cfg.clone();
+            c.ur4rec.bank_size = 65_536;
+            c.ur4rec.bank_format = format;
+            c.train.table_format = format;
+            let rate = ur4rec_rate(g, &c, &data, 256, 3, gpu_steps, &sync);
+            println!("{:<8} {:>6} {:>12} {rate:>12.1} {:>9}   bank 65,536 slots, bank and tables {}", "ur4rec", 256, "-", "-",
+                     format.name());
         }
     }
 }
