@@ -75,6 +75,18 @@ fn reduce_grid(n: usize) -> usize {
     n.div_ceil(BLOCK as usize).clamp(1, REDUCE_GRID)
 }
 
+/// Queries per block and candidate columns per block of the tiled InfoNCE kernels (TQ and RANGE in
+/// kernels/infonce_bank.cu).
+const INFONCE_TQ: usize = 64;
+const INFONCE_RANGE: usize = 1024;
+
+/// The tiled InfoNCE launch: a block per (column range, query tile), 256 threads; and the number of ranges.
+fn infonce_tiles(b: usize, bank_slots: usize) -> (LaunchConfig, u32) {
+    let nranges = u32_of((b + bank_slots).div_ceil(INFONCE_RANGE), "InfoNCE column ranges");
+    let qtiles = u32_of(b.div_ceil(INFONCE_TQ), "InfoNCE query tiles");
+    (LaunchConfig { grid_dim: (nranges, qtiles, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }, nranges)
+}
+
 /// Column reductions: 32 columns x 16 row lanes per block.
 fn cfg_cols(cols: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (cols.div_ceil(32).max(1) as u32, 1, 1), block_dim: (32, 16, 1), shared_mem_bytes: 0 }
@@ -910,10 +922,14 @@ impl Backend for CudaBackend {
         let (b32, kb, d32, inv_tau) = (b as u32, u32_of(bank_users.len(), "bank slots"), d as u32, (1.0f32 / tau) as f64);
         let cfg = LaunchConfig { grid_dim: (b32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         if let Some(dq) = dq {
+            // Per-range partials of P · keys over the query × column tiles, then a fixed-order sum over ranges.
+            let (tiles, nranges) = infonce_tiles(b, bank_users.len());
+            let mut part = self.alloc(nranges as usize * b * d);
             with_stored!(bank, |x, suffix| {
-                launch!(self, &format!("infonce_dq_{suffix}"), cfg; dq, &lse, q, k, x, bank_users, users, dloss, &b32, &kb,
-                        &d32, &inv_tau)
+                launch!(self, &format!("infonce_dq_parts_{suffix}"), tiles; &mut part, &lse, q, k, x, bank_users, users,
+                        &b32, &kb, &d32, &inv_tau)
             });
+            launch!(self, "infonce_dq_reduce_f32", cfg_elems(b * d); dq, &part, dloss, &b32, &nranges, &d32, &inv_tau);
         }
         if let Some(dk) = dk {
             launch!(self, "infonce_dk_f32", cfg; dk, &lse, q, k, dloss, &b32, &d32, &inv_tau);
@@ -980,11 +996,17 @@ impl CudaBackend {
         let mut pos = self.alloc_f64(b);
         if b > 0 {
             let (b32, kb, d32, inv_tau) = (b as u32, u32_of(bank_users.len(), "bank slots"), d as u32, (1.0f32 / tau) as f64);
-            let cfg = LaunchConfig { grid_dim: (b32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            // Per (query, column range) partial log-sum-exps over the tiles, then one merge per query.
+            let (tiles, nranges) = infonce_tiles(b, bank_users.len());
+            let (mut part_m, mut part_s) = (self.alloc_f64(b * nranges as usize), self.alloc_f64(b * nranges as usize));
             with_stored!(bank, |x, suffix| {
-                launch!(self, &format!("infonce_rows_{suffix}"), cfg; &mut lse, &mut pos, q, k, x, bank_users, users, &b32,
-                        &kb, &d32, &inv_tau)
+                launch!(self, &format!("infonce_lse_parts_{suffix}"), tiles; &mut part_m, &mut part_s, q, k, x, bank_users,
+                        users, &b32, &kb, &d32, &inv_tau)
             });
+            let cfg = LaunchConfig { grid_dim: (b.div_ceil(BLOCK as usize) as u32, 1, 1), block_dim: (BLOCK, 1, 1),
+                                     shared_mem_bytes: 0 };
+            launch!(self, "infonce_lse_merge_f32", cfg; &mut lse, &mut pos, &part_m, &part_s, q, k, &b32, &nranges, &d32,
+                    &inv_tau);
         }
         (lse, pos)
     }
