@@ -233,6 +233,38 @@ pub fn rank_sampled(
     })
 }
 
+/// The items a full ranking of `target_item` leaves out for `user`: `excluded` sorted, deduplicated and
+/// without the padding id 0 and the target. Checks the target and every excluded id against the catalogue
+/// `1..=n_items`. (`rank_full` and the device ranking, `Backend::rank_counts`, share it.)
+pub fn full_rank_exclusions(
+    target_item: u32,
+    excluded: &[u32],
+    user: usize,
+    n_items: usize,
+) -> Result<Vec<u32>, EvalError> {
+    if target_item == 0 || target_item as usize > n_items {
+        return Err(EvalError::BadTargetItem {
+            user,
+            item: target_item,
+            n_items,
+        });
+    }
+    let mut history: Vec<u32> = excluded.to_vec();
+    history.sort_unstable();
+    history.dedup();
+    if let Some(&item) = history.last() {
+        if item as usize > n_items {
+            return Err(EvalError::ExcludedOutOfRange {
+                user,
+                item,
+                n_items,
+            });
+        }
+    }
+    history.retain(|&i| i != 0 && i != target_item);
+    Ok(history)
+}
+
 /// Full protocol: rank item `target_item` among all items. `scores[i]` is item `i`'s score for
 /// `i in 0..=N`; index 0 is padding and never a competitor. `excluded` (the user's history; may hold
 /// duplicates, the padding id 0 and the target) are not competitors either, but the target always is
@@ -250,13 +282,7 @@ pub fn rank_full(
 ) -> Result<RankOutcome, EvalError> {
     let n_items = scores.len().saturating_sub(1);
     let t = target_item as usize;
-    if t == 0 || t > n_items {
-        return Err(EvalError::BadTargetItem {
-            user,
-            item: target_item,
-            n_items,
-        });
-    }
+    let history = full_rank_exclusions(target_item, excluded, user, n_items)?;
     let ts = scores[t];
     if !ts.is_finite() {
         return Err(EvalError::NonFinite {
@@ -264,19 +290,6 @@ pub fn rank_full(
             index: t,
             value: ts,
         });
-    }
-
-    let mut history: Vec<u32> = excluded.to_vec();
-    history.sort_unstable();
-    history.dedup();
-    if let Some(&item) = history.last() {
-        if item as usize > n_items {
-            return Err(EvalError::ExcludedOutOfRange {
-                user,
-                item,
-                n_items,
-            });
-        }
     }
 
     // Counting pass over the real items 1..=N, target included (it ties with itself).
@@ -288,9 +301,6 @@ pub fn rank_full(
     }
     // Remove each distinct history item once; the target and padding stay as they are.
     for &item in &history {
-        if item == 0 || item == target_item {
-            continue;
-        }
         let s = scores[item as usize];
         higher -= (s > ts) as usize;
         equal -= (s == ts) as usize;

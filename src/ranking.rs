@@ -4,7 +4,7 @@
 use crate::backend::Backend;
 use crate::config::EvalConfig;
 use crate::data::Split;
-use crate::eval::{rank_full, rank_sampled, EvalError, MetricAccumulator, Metrics};
+use crate::eval::{full_rank_exclusions, rank_full, rank_sampled, EvalError, MetricAccumulator, Metrics, RankOutcome};
 use crate::model::SasRec;
 use crate::params::ParamStore;
 use crate::tape::Tape;
@@ -86,15 +86,37 @@ pub fn evaluate_sasrec<B: Backend>(backend: &B, model: &SasRec, store: &ParamSto
         }
         if cfg.full_ranking {
             let all = tape.matmul(h, vars.item_table, false, true);
-            let all = tape.to_host(all);
-            debug_assert_eq!(all.len(), s * (n_items + 1));
-            for (i, u) in (start..end).enumerate() {
-                let row = &all[i * (n_items + 1)..(i + 1) * (n_items + 1)];
-                full.push(&rank_full(row, cases[i].1, &cases[i].0, u + 1)?);
+            debug_assert_eq!(backend.len(tape.value(all)), s * (n_items + 1));
+            for o in rank_full_on_backend(backend, tape.value(all), n_items + 1, &cases, start)? {
+                full.push(&o);
             }
         }
     }
     Ok(EvalResult { sampled: sampled.finish(), full: cfg.full_ranking.then(|| full.finish()) })
+}
+
+/// Full-ranking outcomes of a batch's users (`cases`, users `start + 1 ..`) from their scores `[rows, cols]`
+/// on the backend: the backend counts (`Backend::rank_counts`), so only three numbers per user come back. A
+/// row with a non-finite score is read back and ranked on the host, which names the offending item.
+fn rank_full_on_backend<B: Backend>(backend: &B, scores: &B::Buf, cols: usize, cases: &[(Vec<u32>, u32)], start: usize)
+                                    -> Result<Vec<RankOutcome>, EvalError> {
+    let (mut targets, mut offsets, mut items) = (Vec::with_capacity(cases.len()), vec![0u32], Vec::new());
+    for (i, (history, target)) in cases.iter().enumerate() {
+        items.extend(full_rank_exclusions(*target, history, start + i + 1, cols - 1)?);
+        offsets.push(items.len() as u32);
+        targets.push(*target);
+    }
+    let counts = backend.rank_counts(scores, cols, &backend.idx_from_host(&targets), &backend.idx_from_host(&offsets),
+                                     &backend.idx_from_host(&items));
+    let counts = backend.idx_to_host(&counts);
+    cases.iter().enumerate().map(|(i, (history, target))| {
+        let (higher, equal, non_finite) = (counts[3 * i] as usize, counts[3 * i + 1] as usize, counts[3 * i + 2]);
+        if non_finite > 0 || equal == 0 {
+            let row = backend.to_host(&backend.copy_range(scores, i * cols, cols));
+            return rank_full(&row, *target, history, start + i + 1);
+        }
+        Ok(RankOutcome { higher, ties: equal - 1 })
+    }).collect()
 }
 
 /// Per-user sampled candidates and their scores, for export (`ur4rec-engine eval --dump-scores`).
@@ -193,11 +215,11 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
             let items = tape.constant_buf(&[w, d], backend.copy_range(iv, 0, w * d));
             let r_all = tape.matmul(p, items, false, true);
             let r_all = tape.scale(r_all, model.retriever.logit_scale());
-            let (s_all, r_all) = (tape.to_host(s_all), tape.to_host(r_all));
-            let f_all = fuse_scores(&s_all, &r_all, w, alpha);
-            for (i, u) in (start..end).enumerate() {
-                for (a, sc) in acc.full.iter_mut().zip([&f_all, &s_all, &r_all]) {
-                    a.push(&rank_full(&sc[i * w..(i + 1) * w], cases[i].1, &cases[i].0, u + 1)?);
+            let (s_all, r_all) = (tape.value(s_all), tape.value(r_all));
+            let f_all = backend.fuse_softmax(s_all, r_all, w, alpha);
+            for (a, sc) in acc.full.iter_mut().zip([&f_all, s_all, r_all]) {
+                for o in rank_full_on_backend(backend, sc, w, &cases, start)? {
+                    a.push(&o);
                 }
             }
         }
@@ -205,4 +227,47 @@ pub fn evaluate_ur4rec<B: Backend>(backend: &B, model: &crate::model::ur4rec::Ur
     let result = |k: usize| EvalResult { sampled: acc.sampled[k].finish(), full: cfg.full_ranking.then(|| acc.full[k].finish()) };
     Ok(Ur4RecEval { alpha, fused: result(0), sasrec: result(1), retriever: result(2),
                     sweep: sweep.iter().zip(&sweep_acc).map(|(&w, a)| (w, a.finish())).collect() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::rng::Rng;
+
+    /// The backend's counting path gives exactly `rank_full`'s outcome or error, row by row: ties (scores on
+    /// a coarse grid), histories with duplicates, the padding id and the target, a NaN among the competitors
+    /// (an error naming it) and a NaN hidden in the history (ignored).
+    #[test]
+    fn backend_full_ranking_equals_rank_full() {
+        let be = CpuBackend::new();
+        let (rows, cols) = (9usize, 57usize);
+        let mut rng = Rng::new(8);
+        let mut scores: Vec<f32> = (0..rows * cols).map(|_| (rng.below(12) as f32) * 0.25).collect();
+        let mut cases: Vec<(Vec<u32>, u32)> = (0..rows).map(|_| {
+            let target = 1 + rng.below(cols as u64 - 1) as u32;
+            let mut history: Vec<u32> = (0..rng.below(20)).map(|_| rng.below(cols as u64) as u32).collect();
+            history.extend([0, target]);
+            if let Some(&h) = history.first() {
+                history.push(h);
+            }
+            (history, target)
+        }).collect();
+        // Row 3: a NaN competitor; row 5: a NaN inside the history only.
+        let competitor = (1..cols as u32).find(|i| !cases[3].0.contains(i) && *i != cases[3].1).unwrap();
+        scores[3 * cols + competitor as usize] = f32::NAN;
+        cases[5].0.push(7);
+        scores[5 * cols + 7] = if cases[5].1 == 7 { 0.5 } else { f32::NAN };
+        let got = rank_full_on_backend(&be, &be.from_host(&scores), cols, &cases, 10);
+        let want: Result<Vec<RankOutcome>, EvalError> = cases.iter().enumerate()
+            .map(|(i, (h, t))| rank_full(&scores[i * cols..(i + 1) * cols], *t, h, 10 + i + 1)).collect();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        assert!(matches!(got, Err(EvalError::NonFinite { user: 14, .. })), "{got:?}");
+        // Without the bad row, every outcome matches.
+        scores[3 * cols + competitor as usize] = 1.0;
+        let got = rank_full_on_backend(&be, &be.from_host(&scores), cols, &cases, 10).unwrap();
+        for (i, (h, t)) in cases.iter().enumerate() {
+            assert_eq!(got[i], rank_full(&scores[i * cols..(i + 1) * cols], *t, h, 11 + i).unwrap(), "row {i}");
+        }
+    }
 }

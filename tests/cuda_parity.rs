@@ -544,6 +544,40 @@ fn logdet_parity() {
     parity!("logdet", logdet_ops);
 }
 
+// ---- evaluation over the whole catalogue -------------------------------------------------------------
+
+/// Fused softmax scores and target-rank counts at the reference catalogue sizes (1,683 and 23,716 items plus
+/// padding) and a tiny one, with scores on a coarse grid so that ties occur, and exclusion lists. Counts are
+/// integers: EXACT.
+fn ranking_ops<B: Backend>(b: &B) -> Outputs {
+    let mut o = Outputs::new();
+    for (t, &(rows, cols)) in [(1usize, 2usize), (5, 1684), (3, 23_717)].iter().enumerate() {
+        let mut rng = Rng::new(1500 + t as u64);
+        let s_h: Vec<f32> = (0..rows * cols).map(|_| (rng.below(64) as f32) * 0.125 - 4.0).collect();
+        let q_h = rand(&mut rng, rows * cols);
+        let (s, q) = (b.from_host(&s_h), b.from_host(&q_h));
+        out(b, &mut o, format!("fuse_softmax{rows}x{cols}"), &b.fuse_softmax(&s, &q, cols, 0.3), ELEM);
+        let targets: Vec<u32> = (0..rows).map(|_| 1 + rng.below(cols as u64 - 1) as u32).collect();
+        let (mut offsets, mut items) = (vec![0u32], Vec::new());
+        for &target in &targets {
+            let mut ex: Vec<u32> = (0..rng.below(40)).map(|_| 1 + rng.below(cols as u64 - 1) as u32).collect();
+            ex.sort_unstable();
+            ex.dedup();
+            ex.retain(|&i| i != target);
+            items.extend(ex);
+            offsets.push(items.len() as u32);
+        }
+        let counts = b.rank_counts(&s, cols, &b.idx_from_host(&targets), &b.idx_from_host(&offsets), &b.idx_from_host(&items));
+        o.push((format!("rank_counts{rows}x{cols}"), b.idx_to_host(&counts).iter().map(|&c| c as f32).collect(), EXACT));
+    }
+    o
+}
+
+#[test]
+fn ranking_parity() {
+    parity!("ranking", ranking_ops);
+}
+
 // ---- ring-buffer enqueue -------------------------------------------------------------------------------
 
 /// Batches smaller than, equal to and larger than the bank, from pointers that wrap; keys rounded on the

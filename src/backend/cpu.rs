@@ -210,6 +210,9 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &Vec<f32>) -> Vec<f32> {
         x.clone()
     }
+    fn idx_to_host(&self, x: &Vec<u32>) -> Vec<u32> {
+        x.clone()
+    }
     fn half_from_host(&self, bits: &[u16]) -> Vec<u16> {
         bits.to_vec()
     }
@@ -737,6 +740,32 @@ impl Backend for CpuBackend {
                         crate::linalg::cholesky_inverse(&l, n).iter().map(|&v| v as f32).collect()),
             None => (vec![f32::NAN], vec![f32::NAN; n * n]),
         }
+    }
+    fn fuse_softmax(&self, s: &Vec<f32>, q: &Vec<f32>, cols: usize, alpha: f32) -> Vec<f32> {
+        assert_eq!(s.len(), q.len(), "fuse_softmax: the two score matrices differ in size");
+        let mut out = vec![0.0; s.len()];
+        out.par_chunks_mut(cols.max(1)).zip(s.par_chunks(cols.max(1))).zip(q.par_chunks(cols.max(1)))
+            .for_each(|((o, s), q)| o.copy_from_slice(&crate::model::ur4rec::fuse_scores(s, q, cols, alpha)));
+        out
+    }
+    fn rank_counts(&self, scores: &Vec<f32>, cols: usize, targets: &Vec<u32>, ex_offsets: &Vec<u32>,
+                   ex_items: &Vec<u32>) -> Vec<u32> {
+        let rows = targets.len();
+        assert_eq!(scores.len(), rows * cols, "rank_counts: scores are [{rows}, {cols}]");
+        assert_eq!(ex_offsets.len(), rows + 1, "rank_counts: {} offsets for {rows} rows", ex_offsets.len());
+        (0..rows).into_par_iter().flat_map_iter(|r| {
+            let row = &scores[r * cols..(r + 1) * cols];
+            let ts = row[targets[r] as usize];
+            let count = |x: f32| [(x > ts) as u32, (x == ts) as u32, (!x.is_finite()) as u32];
+            let mut c = [0u32; 3];
+            for &x in &row[1..] {
+                c.iter_mut().zip(count(x)).for_each(|(c, v)| *c += v);
+            }
+            for &item in &ex_items[ex_offsets[r] as usize..ex_offsets[r + 1] as usize] {
+                c.iter_mut().zip(count(row[item as usize])).for_each(|(c, v)| *c -= v);
+            }
+            c
+        }).collect()
     }
     fn sum_all(&self, x: &Vec<f32>) -> Vec<f32> {
         vec![x.iter().map(|&v| v as f64).sum::<f64>() as f32]

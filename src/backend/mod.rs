@@ -57,6 +57,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn from_host(&self, x: &[f32]) -> Self::Buf;
     fn idx_from_host(&self, x: &[u32]) -> Self::Idx;
     fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
+    fn idx_to_host(&self, x: &Self::Idx) -> Vec<u32>;
     fn half_from_host(&self, bits: &[u16]) -> Self::Half;
     fn half_to_host(&self, x: &Self::Half) -> Vec<u16>;
     fn len(&self, x: &Self::Buf) -> usize;
@@ -220,6 +221,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// LogDet diversity term and its gradient); the value is a 1-element buffer, kept on the device. A matrix
     /// that is not positive definite gives NaN for both, which the trainer's non-finite guard reports.
     fn logdet_spd(&self, g: &Self::Buf, n: usize) -> (Self::Buf, Self::Buf);
+    // ---- evaluation over the whole catalogue (the scores stay on the device) ------------------------
+    /// `α·softmax(s[r]) + (1−α)·softmax(q[r])` for each row of `cols` scores, in f64, rounded to f32
+    /// (UR4Rec's fused ranking; `model::ur4rec::fuse_scores` on the host).
+    fn fuse_softmax(&self, s: &Self::Buf, q: &Self::Buf, cols: usize, alpha: f32) -> Self::Buf;
+    /// Full ranking of each row's target: `[higher, equal, non_finite]` per row of `scores: [R, cols]`, over
+    /// the items `1..cols` against `scores[r, targets[r]]`, leaving out row `r`'s excluded items
+    /// `ex_items[ex_offsets[r] .. ex_offsets[r + 1]]` (distinct, never 0 or the target). The target counts as
+    /// equal to itself. `eval::rank_full`'s counting pass, with only `3·R` numbers read back.
+    fn rank_counts(&self, scores: &Self::Buf, cols: usize, targets: &Self::Idx, ex_offsets: &Self::Idx,
+                   ex_items: &Self::Idx) -> Self::Idx;
     /// `Σ x` as a 1-element buffer.
     fn sum_all(&self, x: &Self::Buf) -> Self::Buf;
     /// `dx += scale · c[0]` for every element (the backward of a sum); `c` is a 1-element buffer so a

@@ -313,6 +313,12 @@ impl Backend for CudaBackend {
         }
         check(self.stream.clone_dtoh(x), "to_host")
     }
+    fn idx_to_host(&self, x: &CudaSlice<u32>) -> Vec<u32> {
+        if x.is_empty() {
+            return Vec::new();
+        }
+        check(self.stream.clone_dtoh(x), "idx_to_host")
+    }
     fn half_from_host(&self, bits: &[u16]) -> CudaSlice<u16> {
         if bits.is_empty() {
             return check(self.stream.null::<u16>(), "half_from_host(empty)");
@@ -934,6 +940,36 @@ impl Backend for CudaBackend {
         if let Some(dk) = dk {
             launch!(self, "infonce_dk_f32", cfg; dk, &lse, q, k, dloss, &b32, &d32, &inv_tau);
         }
+    }
+    fn fuse_softmax(&self, s: &CudaSlice<f32>, q: &CudaSlice<f32>, cols: usize, alpha: f32) -> CudaSlice<f32> {
+        assert_eq!(s.len(), q.len(), "fuse_softmax: the two score matrices differ in size");
+        let rows = s.len() / cols.max(1);
+        let mut out = self.alloc(s.len());
+        if rows > 0 {
+            let (c32, a64) = (u32_of(cols, "fuse_softmax cols"), alpha as f64);
+            let cfg = LaunchConfig { grid_dim: (u32_of(rows, "fuse_softmax rows"), 1, 1), block_dim: (BLOCK, 1, 1),
+                                     shared_mem_bytes: 0 };
+            launch!(self, "fuse_softmax_f32", cfg; &mut out, s, q, &c32, &a64);
+        }
+        out
+    }
+    fn rank_counts(&self, scores: &CudaSlice<f32>, cols: usize, targets: &CudaSlice<u32>, ex_offsets: &CudaSlice<u32>,
+                   ex_items: &CudaSlice<u32>) -> CudaSlice<u32> {
+        let rows = targets.len();
+        assert_eq!(scores.len(), rows * cols, "rank_counts: scores are [{rows}, {cols}]");
+        assert_eq!(ex_offsets.len(), rows + 1, "rank_counts: {} offsets for {rows} rows", ex_offsets.len());
+        if rows == 0 {
+            return check(self.stream.null::<u32>(), "rank_counts(no rows)");
+        }
+        let mut counts = check(self.stream.alloc_zeros::<u32>(3 * rows), "rank_counts alloc");
+        {
+            let c32 = u32_of(cols, "rank_counts cols");
+            let cfg = LaunchConfig { grid_dim: (u32_of(rows, "rank_counts rows"), 1, 1), block_dim: (BLOCK, 1, 1),
+                                     shared_mem_bytes: 0 };
+            // An empty exclusion list is a null slice; the kernel never reads it then (offsets are all 0).
+            launch!(self, "rank_counts_f32", cfg; &mut counts, scores, targets, ex_offsets, ex_items, &c32);
+        }
+        counts
     }
     fn logdet_spd(&self, g: &CudaSlice<f32>, n: usize) -> (CudaSlice<f32>, CudaSlice<f32>) {
         assert_eq!(g.len(), n * n, "logdet_spd: G is [{n}, {n}]");
