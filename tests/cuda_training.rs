@@ -141,6 +141,33 @@ fn ur4rec_training_steps_with_bf16_bank_and_tables_match_the_cpu() {
     check("ur4rec bf16 bank", &lc, &lg, &wc, &wg);
 }
 
+/// Bounded memory on the GPU (mission.md §9): every step's tape, temporaries and tiled-kernel partials are
+/// freed, so device memory in use after 1,000 UR4Rec steps (memory bank, enqueue, every term) equals that
+/// after 10, within 32 MiB — one step's activations here are a few MiB, so a per-step leak would add GBs.
+#[test]
+fn gpu_memory_after_1000_steps_equals_memory_after_10() {
+    let Some(g) = gpu_or_skip() else { return };
+    let cfg = ur4rec_cfg();
+    let data = ur4rec_data(&cfg);
+    let mut tr = Trainer::new(&g, &cfg, &data).unwrap();
+    tr.set_stage_trainable(4, ur4rec_engine::train::strategies::Module::Sasrec);
+    let users: Vec<usize> = (0..data.split.train.len()).collect();
+    let lrs = tr.lrs(4, 50, 100_000);
+    let mut at10 = 0;
+    for step in 0..1000 {
+        let chunk = users.chunks(cfg.train.batch_size).nth(step % users.len().div_ceil(cfg.train.batch_size)).unwrap();
+        tr.train_step(4, chunk, &lrs).unwrap().unwrap();
+        tr.step += 1;
+        if step == 9 {
+            at10 = g.memory_in_use();
+        }
+    }
+    let at1000 = g.memory_in_use();
+    println!("device memory in use: {:.1} MiB after step 10, {:.1} MiB after step 1000", at10 as f64 / 1048576.0,
+             at1000 as f64 / 1048576.0);
+    assert!(at1000 <= at10 + (32 << 20), "device memory grew from {at10} to {at1000} bytes over 990 steps");
+}
+
 #[test]
 fn deterministic_gpu_runs_repeat_bit_for_bit() {
     let Some(g) = gpu_or_skip() else { return };

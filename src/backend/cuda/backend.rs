@@ -40,7 +40,6 @@ const ATTN_BLOCK: u32 = 256;
 
 pub struct CudaBackend {
     info: GpuInfo,
-    #[allow(dead_code)]
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -205,6 +204,14 @@ impl CudaBackend {
     /// Wait for all queued work (benchmarks, tests).
     pub fn synchronize(&self) {
         check(self.stream.synchronize(), "synchronize");
+    }
+
+    /// Device memory in use (total − free, whole device) once the queued work is done, in bytes: what the
+    /// bounded-memory test compares between step 10 and step 1,000.
+    pub fn memory_in_use(&self) -> usize {
+        self.synchronize();
+        let (free, total) = check(self.ctx.mem_get_info(), "mem_get_info");
+        total - free
     }
 
     fn func(&self, name: &str) -> &CudaFunction {
