@@ -100,13 +100,13 @@ RC_cuda_parity=-1; RC_cuda_training=-1; RC_nvrtc_compile=-1; RC_kernels=-1; RC_s
 if [ "$BUILD" = ok ]; then
   if [ "$MODE" = cargo ]; then
     run cuda_parity 90 cargo test --release --test cuda_parity -- --nocapture
-    run cuda_training 60 cargo test --release --test cuda_training -- --nocapture --test-threads 1
+    run cuda_training 90 cargo test --release --test cuda_training -- --nocapture --test-threads 1
     run nvrtc_compile 60 cargo test --release --test nvrtc_compile -- --nocapture
     run kernels 100 cargo bench --bench kernels
     run step 120 cargo bench --bench step
   else
     run cuda_parity 90 "$BIN/cuda_parity" --nocapture
-    run cuda_training 60 "$BIN/cuda_training" --nocapture --test-threads 1
+    run cuda_training 90 "$BIN/cuda_training" --nocapture --test-threads 1
     run nvrtc_compile 60 "$BIN/nvrtc_compile" --nocapture
     run kernels 100 "$BIN/kernels" --bench
     run step 120 "$BIN/step" --bench

@@ -2,7 +2,7 @@
 //! retrieval, consistency, memory-bank InfoNCE, LogDet diversity, distillation; all parameters trainable)
 //! at batch 32 and 256, on synthetic data with text and visual features, in the `ur4rec` preset's model
 //! (hidden 256, 2 blocks, 4 heads, L = 50). CPU always, GPU when `CudaBackend::new(0)` succeeds, in the
-//! same run, with the GPU/CPU ratio.
+//! same run, with the GPU/CPU ratio and, on the GPU, milliseconds and kernel launches per step.
 //!
 //! One step = forward on the tape, backward, gradient clipping and AdamW, as in the trainers (the UR4Rec
 //! memory bank is not refreshed between steps here: same work, static contents). CPU: 1 warm-up step and
@@ -50,9 +50,31 @@ fn batch_users(s: usize, bsz: usize, users: usize) -> Vec<usize> {
     (0..bsz).map(|i| (s * bsz + i) % users).collect()
 }
 
-/// Sequences/s over `steps` timed steps after `warm` warm-up steps; `sync` waits for queued device work.
+/// What the device does to time a step: wait for queued work, and count kernel launches so far (0 on the CPU).
+struct Device<'a> {
+    sync: &'a dyn Fn(),
+    launches: &'a dyn Fn() -> u64,
+}
+
+/// Throughput of the timed steps: sequences/s, milliseconds per step and kernel launches per step.
+struct Rate {
+    seqs_per_s: f64,
+    ms_per_step: f64,
+    kernels_per_step: f64,
+}
+
+impl Rate {
+    fn measure(dev: &Device, t0: Instant, launches0: u64, seqs: usize, steps: usize) -> Rate {
+        (dev.sync)();
+        let secs = t0.elapsed().as_secs_f64();
+        Rate { seqs_per_s: seqs as f64 / secs, ms_per_step: secs * 1e3 / steps.max(1) as f64,
+               kernels_per_step: ((dev.launches)() - launches0) as f64 / steps.max(1) as f64 }
+    }
+}
+
+/// Throughput over `steps` timed steps after `warm` warm-up steps.
 fn sasrec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize, warm: usize, steps: usize,
-                           sync: &dyn Fn()) -> f64 {
+                           dev: &Device) -> Rate {
     let mut rng = Rng::new(1);
     let mut b = ParamBuilder::new();
     let model = SasRec::new(&mut b, &cfg.sasrec, data.dataset.num_items, &mut rng);
@@ -60,35 +82,36 @@ fn sasrec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
     let t = &cfg.train;
     let mut opt = AdamW::new(store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
     let n = data.split.train.len();
-    let mut seqs = 0usize;
+    let (mut seqs, mut launches0) = (0usize, 0u64);
     let mut t0 = Instant::now();
     for s in 0..warm + steps {
         if s == warm {
-            sync();
+            (dev.sync)();
             t0 = Instant::now();
+            launches0 = (dev.launches)();
             seqs = 0;
         }
         let o = sasrec_step(be, cfg, &model, &mut store, &mut opt, data, &batch_users(s, bsz, n), &mut rng, s, 1e-3)
             .expect("sasrec step").expect("a non-empty batch");
         seqs += o.sequences;
     }
-    sync();
-    seqs as f64 / t0.elapsed().as_secs_f64()
+    Rate::measure(dev, t0, launches0, seqs, steps)
 }
 
 fn ur4rec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize, warm: usize, steps: usize,
-                           sync: &dyn Fn()) -> f64 {
+                           dev: &Device) -> Rate {
     let mut tr = Trainer::new(be, cfg, data).expect("UR4Rec trainer");
     tr.set_stage_trainable(4, Module::Sasrec);
     // The learning rates of a step well past warm-up of a long stage 4.
     let lrs = tr.lrs(4, 1_000, 100_000);
     let n = data.split.train.len();
-    let mut seqs = 0usize;
+    let (mut seqs, mut launches0) = (0usize, 0u64);
     let mut t0 = Instant::now();
     for s in 0..warm + steps {
         if s == warm {
-            sync();
+            (dev.sync)();
             t0 = Instant::now();
+            launches0 = (dev.launches)();
             seqs = 0;
         }
         let users = batch_users(s, bsz, n);
@@ -98,8 +121,7 @@ fn ur4rec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
         tr.step += 1;
         seqs += users.len();
     }
-    sync();
-    seqs as f64 / t0.elapsed().as_secs_f64()
+    Rate::measure(dev, t0, launches0, seqs, steps)
 }
 
 fn main() {
@@ -121,40 +143,40 @@ fn main() {
             None
         }
     };
-    println!("{:<8} {:>6} {:>12} {:>12} {:>9}", "model", "batch", "CPU seq/s", "GPU seq/s", "GPU/CPU");
+    println!("{:<8} {:>6} {:>12} {:>12} {:>9} {:>12} {:>14}", "model", "batch", "CPU seq/s", "GPU seq/s", "GPU/CPU",
+             "GPU ms/step", "kernels/step");
     let cpu = CpuBackend::new();
+    let on_cpu = Device { sync: &|| {}, launches: &|| 0 };
+    let gpu_sync = || gpu.as_ref().map(|g| g.synchronize()).unwrap_or(());
+    let gpu_launches = || gpu.as_ref().map(|g| g.launches()).unwrap_or(0);
+    let on_gpu = Device { sync: &gpu_sync, launches: &gpu_launches };
     for model in ["sasrec", "ur4rec"] {
         for bsz in [32usize, 256] {
-            let run_cpu = || -> f64 {
-                match model {
-                    "sasrec" => sasrec_rate(&cpu, &cfg, &data, bsz, 1, cpu_steps, &|| {}),
-                    _ => ur4rec_rate(&cpu, &cfg, &data, bsz, 1, cpu_steps, &|| {}),
-                }
+            let c = match model {
+                "sasrec" => sasrec_rate(&cpu, &cfg, &data, bsz, 1, cpu_steps, &on_cpu),
+                _ => ur4rec_rate(&cpu, &cfg, &data, bsz, 1, cpu_steps, &on_cpu),
             };
-            let c = run_cpu();
-            let g = gpu.as_ref().map(|g| {
-                let sync = || g.synchronize();
-                match model {
-                    "sasrec" => sasrec_rate(g, &cfg, &data, bsz, 3, gpu_steps, &sync),
-                    _ => ur4rec_rate(g, &cfg, &data, bsz, 3, gpu_steps, &sync),
-                }
+            let g = gpu.as_ref().map(|g| match model {
+                "sasrec" => sasrec_rate(g, &cfg, &data, bsz, 3, gpu_steps, &on_gpu),
+                _ => ur4rec_rate(g, &cfg, &data, bsz, 3, gpu_steps, &on_gpu),
             });
+            let c = c.seqs_per_s;
             match g {
-                Some(g) => println!("{model:<8} {bsz:>6} {c:>12.1} {g:>12.1} {:>8.2}x", g / c),
-                None => println!("{model:<8} {bsz:>6} {c:>12.1} {:>12} {:>9}", "-", "-"),
+                Some(g) => println!("{model:<8} {bsz:>6} {c:>12.1} {:>12.1} {:>8.2}x {:>12.2} {:>14.0}", g.seqs_per_s,
+                                    g.seqs_per_s / c, g.ms_per_step, g.kernels_per_step),
+                None => println!("{model:<8} {bsz:>6} {c:>12.1} {:>12} {:>9} {:>12} {:>14}", "-", "-", "-", "-"),
             }
         }
     }
     if let Some(g) = gpu.as_ref() {
-        let sync = || g.synchronize();
         for format in [StoreFormat::F32, StoreFormat::Bf16] {
             let mut c = cfg.clone();
             c.ur4rec.bank_size = 65_536;
             c.ur4rec.bank_format = format;
             c.train.table_format = format;
-            let rate = ur4rec_rate(g, &c, &data, 256, 3, gpu_steps, &sync);
-            println!("{:<8} {:>6} {:>12} {rate:>12.1} {:>9}   bank 65,536 slots, bank and tables {}", "ur4rec", 256, "-", "-",
-                     format.name());
+            let r = ur4rec_rate(g, &c, &data, 256, 3, gpu_steps, &on_gpu);
+            println!("{:<8} {:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   bank 65,536 slots, bank and tables {}", "ur4rec", 256,
+                     "-", r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step, format.name());
         }
     }
 }

@@ -16,6 +16,7 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, Strided
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 /// Why the CUDA backend could not start.
@@ -48,6 +49,9 @@ pub struct CudaBackend {
     /// without float atomics: a device-built CSR summed in position order, bit-identical to the CPU twin and
     /// from run to run. Off by default (the atomic version is faster); see [`CudaBackend::with_deterministic`].
     deterministic: bool,
+    /// Kernel launches so far (NVRTC kernels and cuBLAS calls): the step benchmark reports kernels per step
+    /// (mission.md §9: launches are the small model's enemy).
+    launches: AtomicU64,
 }
 
 fn check<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
@@ -102,6 +106,7 @@ macro_rules! launch {
         let mut b = $self.stream.launch_builder(f);
         $( b.arg($arg); )*
         check(unsafe { b.launch($cfg) }, $name);
+        $self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }};
 }
 
@@ -152,7 +157,7 @@ impl CudaBackend {
                 }
             }
             let deterministic = std::env::var("UR4REC_CUDA_DETERMINISTIC").map(|v| v == "1").unwrap_or(false);
-            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs, deterministic })
+            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs, deterministic, launches: AtomicU64::new(0) })
         }));
         panic::set_hook(prev);
         match r {
@@ -204,6 +209,11 @@ impl CudaBackend {
     /// Wait for all queued work (benchmarks, tests).
     pub fn synchronize(&self) {
         check(self.stream.synchronize(), "synchronize");
+    }
+
+    /// Kernel launches (NVRTC kernels and cuBLAS calls) since the backend started.
+    pub fn launches(&self) -> u64 {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Device memory in use (total − free, whole device) once the queued work is done, in bytes: what the
@@ -538,6 +548,7 @@ impl Backend for CudaBackend {
         };
         if batch == 1 {
             check(unsafe { self.blas.gemm(gemm, b, a, c) }, "cublasSgemm");
+            self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             let cfg = StridedBatchedConfig {
                 gemm,
@@ -547,6 +558,7 @@ impl Backend for CudaBackend {
                 stride_c: (m * n) as i64,
             };
             check(unsafe { self.blas.gemm_strided_batched(cfg, b, a, c) }, "cublasSgemmStridedBatched");
+            self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, cols: usize) {
