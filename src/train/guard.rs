@@ -1,10 +1,10 @@
 //! The non-finite guard shared by both trainers (mission.md §9, "a non-finite loss or gradient skips the
 //! step and is logged with the tensor's name").
 //!
-//! A step is checked twice before the optimizer may touch anything: its loss terms (free: they are read
-//! back for logging anyway), then, after the backward, every trainable parameter's slice of the flat
-//! gradient buffer (`Backend::sum_squares`, one pass over the gradients: a NaN or Inf anywhere makes the
-//! sum non-finite). A bad step is reported on stderr and as a `{"kind":"nonfinite", ...}` record in
+//! A step is checked twice before the optimizer may touch anything: its loss terms (read back for logging
+//! anyway), then every trainable parameter's slice of the flat gradient buffer (`Backend::sum_squares`, one
+//! pass over the gradients: a NaN or Inf anywhere makes the sum non-finite). Both come back together after
+//! the backward ([`read_step`]): one host synchronisation per step on the GPU. A bad step is reported on stderr and as a `{"kind":"nonfinite", ...}` record in
 //! `metrics.jsonl` and is then skipped: no AdamW update, so weights, moments and the per-parameter step
 //! counts stay exactly as they were. Only a run of `train.max_bad_steps` consecutive bad steps is fatal —
 //! one bad batch (an overflow, a degenerate Gram matrix) should not cost a long run, but a model that
