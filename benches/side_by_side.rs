@@ -75,10 +75,8 @@ fn time_steps<B: Backend>(be: &B, g: &GoldenFile, warmup: usize, steps: usize, s
         tape.backward(o.total, &mut store.grads);
         drop(tape);
         opt.step(be, &mut store, &lrs, t.clip_norm);
-        if let (Some((bt, bv)), Some((kt, kv))) = (banks.as_mut(), o.enqueue) {
-            let users = be.idx_from_host(&batch.users);
-            bt.enqueue(be, &kt, &batch.users, &users, step as u64);
-            bv.enqueue(be, &kv, &batch.users, &users, step as u64);
+        if let (Some(banks), Some(e)) = (banks.as_mut(), o.enqueue) {
+            e.apply(be, banks, step as u64);
         }
     }
     sync();

@@ -47,7 +47,7 @@ enum Op<B: Backend> {
     Bce { logits: Var, labels: B::Buf },
     CrossEntropy { logits: Var, target: B::Idx, cols: usize },
     KlDiv { logits: Var, teacher: B::Buf, cols: usize },
-    InfoNceBank { q: Var, k: Var, bank: Option<SharedBank<B>>, users: B::Idx, d: usize, tau: f32 },
+    InfoNceBank { q: Var, k: Var, bank: Option<SharedBank<B>>, users: Arc<B::Idx>, d: usize, tau: f32 },
     Sum { x: Var },
     LogDet { g: Var, inverse: B::Buf },
 }
@@ -464,17 +464,17 @@ impl<'a, B: Backend> Tape<'a, B> {
     }
     /// InfoNCE of the rows of `q` against their positives (same rows of `k`), the other rows of `k`, and a
     /// memory bank (detached; slots of the same user are masked). All inputs should be L2-normalised. No bank
-    /// gives in-batch InfoNCE with the positive counted once.
-    pub fn infonce_bank(&mut self, q: Var, k: Var, bank: Option<&SharedBank<B>>, users: &[u32], tau: f32) -> Var {
+    /// gives in-batch InfoNCE with the positive counted once. `users` (the rows' user ids, on the backend) is
+    /// shared, so both directions of a symmetric InfoNCE and the bank enqueue use one upload.
+    pub fn infonce_bank(&mut self, q: Var, k: Var, bank: Option<&SharedBank<B>>, users: &Arc<B::Idx>, tau: f32) -> Var {
         assert_eq!(self.shape(q), self.shape(k), "infonce_bank: q and k shapes differ");
         let d = self.cols(q);
-        assert_eq!(numel(self.shape(q)) / d, users.len(), "infonce_bank: one user id per row");
+        assert_eq!(numel(self.shape(q)) / d, self.backend.idx_len(users), "infonce_bank: one user id per row");
         let bank = bank.map(|(keys, users)| (keys.clone(), users.clone()));
-        let us = self.backend.idx_from_host(users);
         let y = with_bank(self.backend, &bank, |keys, bank_users| {
-            self.backend.infonce_bank(self.value(q), self.value(k), keys, bank_users, &us, d, tau)
+            self.backend.infonce_bank(self.value(q), self.value(k), keys, bank_users, users, d, tau)
         });
-        self.push(vec![], y, Op::InfoNceBank { q, k, bank, users: us, d, tau }, &[q, k])
+        self.push(vec![], y, Op::InfoNceBank { q, k, bank, users: users.clone(), d, tau }, &[q, k])
     }
     /// `mean (a − b)²`.
     pub fn mse(&mut self, a: Var, b: Var) -> Var {

@@ -52,7 +52,7 @@ use ur4rec_engine::config::{ContrastiveKind, Objective};
 use ur4rec_engine::golden::GoldenFile;
 use ur4rec_engine::model::ur4rec::fuse_scores;
 use ur4rec_engine::tape::{Tape, Var};
-use ur4rec_engine::train::explicit_batch::{joint_losses, JointSettings};
+use ur4rec_engine::train::explicit_batch::{BankEnqueue, joint_losses, JointSettings};
 use ur4rec_engine::train::objective::{sasrec_objective, SasRecTargets};
 use ur4rec_engine::train::optim::AdamW;
 use ur4rec_engine::train::strategies::LossWeights;
@@ -109,7 +109,7 @@ struct Forward<B: Backend> {
     terms: [f32; 7],
     sasrec_scores: Option<Var>,
     retriever_scores: Option<Var>,
-    enqueue: Option<(B::Buf, B::Buf)>,
+    enqueue: Option<BankEnqueue<B>>,
 }
 
 fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs: &mut Errors) {
@@ -135,7 +135,7 @@ fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs
 
     // The batch, verbatim (the SASRec inputs untruncated: the engine keeps the last max_len items).
     let batch = g.batch().expect("golden batch");
-    let (users, seqs, cands) = (batch.users.clone(), batch.seqs.clone(), batch.cands.clone());
+    let (seqs, cands) = (batch.seqs.clone(), batch.cands.clone());
     let j = batch.negatives + 1;
     let targets = match cfg.train.objective {
         Objective::EveryPosition => SasRecTargets::EveryPosition { pairs: g.ids("batch.stage1_pairs").unwrap() },
@@ -215,10 +215,8 @@ fn run_scenario<B: Backend>(be: &B, g: &GoldenFile, sc: &serde_json::Value, errs
             errs.loss("group grad norm", format!("{name} step {step} {}", store.groups[rep.group].name), rep.grad_norm as f32,
                       want, if step == 0 { GRAD_NORM_TOL } else { STEP_TOL });
         }
-        if let (Some((bt, bv)), Some((kt, kv))) = (banks.as_mut(), f.enqueue) {
-            let users_on_device = be.idx_from_host(&users);
-            bt.enqueue(be, &kt, &users, &users_on_device, step as u64);
-            bv.enqueue(be, &kv, &users, &users_on_device, step as u64);
+        if let (Some(banks), Some(e)) = (banks.as_mut(), f.enqueue) {
+            e.apply(be, banks, step as u64);
         }
     }
 }

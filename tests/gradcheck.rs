@@ -930,11 +930,13 @@ fn detach_stops_the_gradient() {
 
 /// Fused InfoNCE against a memory bank: value against a direct f64 evaluation of the logits (positive once,
 /// in-batch diagonal skipped, same-user bank slots masked, user-0 slots kept), and gradients to both the
-/// queries and the in-batch keys. Inputs are normalised on the tape, as the model does.
+/// queries and the in-batch keys. Inputs are normalised on the tape, as the model does. A bank stored in bf16
+/// or f16 is read as its rounded values (the direct evaluation uses those).
 #[test]
 fn infonce_bank_value_and_gradients() {
     let mut r = rng("infonce");
-    for (b, d, kslots) in [(4usize, 6usize, 0usize), (5, 3, 7), (1, 4, 5)] {
+    for (b, d, kslots, format) in [(4usize, 6usize, 0usize, StoreFormat::F32), (5, 3, 7, StoreFormat::F32),
+                                   (1, 4, 5, StoreFormat::F32), (5, 3, 7, StoreFormat::Bf16), (3, 5, 6, StoreFormat::F16)] {
         let ins = [Input::randn(&mut r, &[b, d], 1.0), Input::randn(&mut r, &[b, d], 1.0)];
         let mut bank = Vec::new();
         for _ in 0..kslots {
@@ -947,12 +949,17 @@ fn infonce_bank_value_and_gradients() {
         let bank_users: Vec<u32> = (0..kslots as u32).map(|s| if s % 3 == 0 { 0 } else { 1 + s % (b as u32 + 1) }).collect();
         let tau = 0.2;
         // No bank at all (K = 0) is in-batch InfoNCE.
-        let shared = (Arc::new(Stored::from_host(&CpuBackend::new(), &bank, StoreFormat::F32)), Arc::new(bank_users.clone()));
-        let res = check(&format!("infonce_bank b={b} d={d} K={kslots}")).run(&ins, |t, v| {
+        let shared = (Arc::new(Stored::from_host(&CpuBackend::new(), &bank, format)), Arc::new(bank_users.clone()));
+        let users_on_device = Arc::new(users.clone());
+        let res = check(&format!("infonce_bank b={b} d={d} K={kslots} bank {}", format.name())).run(&ins, |t, v| {
             let q = t.l2_normalize(v[0], 1e-12);
             let k = t.l2_normalize(v[1], 1e-12);
-            t.infonce_bank(q, k, (kslots > 0).then_some(&shared), &users, tau)
+            t.infonce_bank(q, k, (kslots > 0).then_some(&shared), &users_on_device, tau)
         });
+        let bank: Vec<f32> = bank.iter().map(|&x| format.round(x)).collect();
+        if format != StoreFormat::F32 {
+            assert!(shared.0.to_host(&CpuBackend::new()) == bank, "the stored bank reads as its rounded values");
+        }
         let norm = |x: &[f32]| -> Vec<f64> {
             let n = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
             x.iter().map(|v| *v as f64 / n).collect()

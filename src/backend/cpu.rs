@@ -210,6 +210,9 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &Vec<f32>) -> Vec<f32> {
         x.clone()
     }
+    fn idx_len(&self, x: &Vec<u32>) -> usize {
+        x.len()
+    }
     fn idx_to_host(&self, x: &Vec<u32>) -> Vec<u32> {
         x.clone()
     }
@@ -278,7 +281,7 @@ impl Backend for CpuBackend {
             let src = &keys[r * dim..(r + 1) * dim];
             match bank {
                 Stored::F32(x) => x[slot * dim..(slot + 1) * dim].copy_from_slice(src),
-                Stored::Half(x, f) => x[slot * dim..(slot + 1) * dim].copy_from_slice(&stored::to_bits(*f, src)),
+                Stored::Half(x, f) => x[slot * dim..(slot + 1) * dim].iter_mut().zip(src).for_each(|(d, &v)| *d = f.bits(v)),
             }
             bank_users[slot] = users[r];
         }

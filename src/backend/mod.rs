@@ -57,6 +57,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn from_host(&self, x: &[f32]) -> Self::Buf;
     fn idx_from_host(&self, x: &[u32]) -> Self::Idx;
     fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
+    fn idx_len(&self, x: &Self::Idx) -> usize;
     fn idx_to_host(&self, x: &Self::Idx) -> Vec<u32>;
     fn half_from_host(&self, bits: &[u16]) -> Self::Half;
     fn half_to_host(&self, x: &Self::Half) -> Vec<u16>;

@@ -37,28 +37,35 @@ impl StoreFormat {
     pub fn round(self, x: f32) -> f32 {
         match self {
             StoreFormat::F32 => x,
-            StoreFormat::Bf16 => half::bf16::from_f32(x).to_f32(),
-            StoreFormat::F16 => half::f16::from_f32(x).to_f32(),
+            f => f.widen(f.bits(x)),
+        }
+    }
+    /// The 16-bit pattern of `x` in this (16-bit) format.
+    pub fn bits(self, x: f32) -> u16 {
+        match self {
+            StoreFormat::Bf16 => half::bf16::from_f32(x).to_bits(),
+            StoreFormat::F16 => half::f16::from_f32(x).to_bits(),
+            StoreFormat::F32 => panic!("bits: f32 is not a 16-bit format"),
+        }
+    }
+    /// The value of a 16-bit pattern of this format.
+    pub fn widen(self, bits: u16) -> f32 {
+        match self {
+            StoreFormat::Bf16 => half::bf16::from_bits(bits).to_f32(),
+            StoreFormat::F16 => half::f16::from_bits(bits).to_f32(),
+            StoreFormat::F32 => panic!("widen: f32 is not a 16-bit format"),
         }
     }
 }
 
 /// Host bits of a 16-bit format.
 pub fn to_bits(format: StoreFormat, x: &[f32]) -> Vec<u16> {
-    match format {
-        StoreFormat::Bf16 => x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(),
-        StoreFormat::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect(),
-        StoreFormat::F32 => panic!("to_bits: f32 is not a 16-bit format"),
-    }
+    x.iter().map(|&v| format.bits(v)).collect()
 }
 
 /// Widens host bits of a 16-bit format.
 pub fn from_bits(format: StoreFormat, bits: &[u16]) -> Vec<f32> {
-    match format {
-        StoreFormat::Bf16 => bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(),
-        StoreFormat::F16 => bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect(),
-        StoreFormat::F32 => panic!("from_bits: f32 is not a 16-bit format"),
-    }
+    bits.iter().map(|&b| format.widen(b)).collect()
 }
 
 /// A stored tensor on a backend: f32, or 16-bit bits with their format.

@@ -24,6 +24,7 @@ use crate::train::batch::SeqBatch;
 use crate::train::strategies::{DeviceBank, Weights};
 use crate::train::ur4rec_trainer::StepLosses;
 use anyhow::{bail, ensure, Result};
+use std::sync::Arc;
 
 /// One batch of `B` users for stages 2–4.
 #[derive(Clone, Debug, Default)]
@@ -71,9 +72,8 @@ pub struct JointOutput<B: Backend> {
     pub sasrec_scores: Option<Var>,
     /// The retriever's candidate logits `[B, 1 + k]`.
     pub retriever_scores: Var,
-    /// With a memory bank: the batch's normalised text and visual user vectors (copies on the backend, so
-    /// the tape can be dropped), to enqueue after the step.
-    pub enqueue: Option<(B::Buf, B::Buf)>,
+    /// With a memory bank: what to enqueue once the step's update is done.
+    pub enqueue: Option<BankEnqueue<B>>,
 }
 
 /// Builds the loss of `stage` (2, 3 or 4) for `batch` on `tape`.
@@ -125,13 +125,15 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
     terms.push(tape.scale(ret, cfg.retrieval_weight));
     let mut enqueue = None;
     if let Some(v) = uv.visual {
+        // The batch's users on the backend, once: both InfoNCE directions and the enqueue read them.
+        let users = Arc::new(tape.backend.idx_from_host(&batch.users));
         // Modality consistency, contrastive InfoNCE (symmetric), LogDet diversity of the fused vectors.
         let cons = tape.mse(uv.text, v);
         read.consistency = Some(cons);
         let bank_t = set.banks.map(|(bt, _)| bt.on_device());
         let bank_v = set.banks.map(|(_, bv)| bv.on_device());
-        let tv = tape.infonce_bank(uv.text, v, bank_v, &batch.users, cfg.contrastive_tau);
-        let vt = tape.infonce_bank(v, uv.text, bank_t, &batch.users, cfg.contrastive_tau);
+        let tv = tape.infonce_bank(uv.text, v, bank_v, &users, cfg.contrastive_tau);
+        let vt = tape.infonce_bank(v, uv.text, bank_t, &users, cfg.contrastive_tau);
         let ctr = tape.add(tv, vt);
         let ctr = tape.scale(ctr, 0.5);
         read.contrastive = Some(ctr);
@@ -145,7 +147,8 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
         if w.diversity > 0.0 { terms.push(tape.scale(div, w.diversity)); }
         if set.banks.is_some() {
             let copy = |x: Var| tape.backend.copy_range(tape.value(x), 0, tape.backend.len(tape.value(x)));
-            enqueue = Some((copy(uv.text), copy(v)));
+            enqueue = Some(BankEnqueue { text: copy(uv.text), visual: copy(v), users: batch.users.clone(),
+                                         users_on_device: users });
         }
     }
     // Bidirectional distillation over the same candidates.
@@ -178,6 +181,23 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
     }
     read.total = Some(total);
     Ok(JointOutput { total, terms: read, sasrec_scores: s, retriever_scores: r, enqueue })
+}
+
+/// A step's memory-bank enqueue, applied after its update (a skipped step drops it): the batch's normalised
+/// text and visual user vectors (copies on the backend, so the tape can be dropped first) and their users.
+pub struct BankEnqueue<B: Backend> {
+    pub text: B::Buf,
+    pub visual: B::Buf,
+    pub users: Vec<u32>,
+    pub users_on_device: Arc<B::Idx>,
+}
+
+impl<B: Backend> BankEnqueue<B> {
+    /// Writes the text keys into the text bank and the visual keys into the visual bank, at global `step`.
+    pub fn apply(&self, backend: &B, (text, visual): &mut (DeviceBank<B>, DeviceBank<B>), step: u64) {
+        text.enqueue(backend, &self.text, &self.users, &self.users_on_device, step);
+        visual.enqueue(backend, &self.visual, &self.users, &self.users_on_device, step);
+    }
 }
 
 /// The loss terms' tape variables. They are read back to the host together, after the backward and with the

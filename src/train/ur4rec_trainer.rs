@@ -14,7 +14,7 @@ use crate::ranking::{evaluate_ur4rec, EvalTarget, Ur4RecEval};
 use crate::report::RunDir;
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
-use crate::train::explicit_batch::{joint_losses, JointBatch, JointSettings, LossTerms};
+use crate::train::explicit_batch::{joint_losses, BankEnqueue, JointBatch, JointSettings, LossTerms};
 use crate::train::objective::sasrec_loss;
 use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
@@ -225,7 +225,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Builds the loss of one batch of users (0-based) on `tape`; returns the total, its terms (tape variables,
     /// not read yet) and (with a memory bank) the batch's text and visual keys to enqueue after the step.
     #[allow(clippy::type_complexity)]
-    pub fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, LossTerms, Option<(B::Buf, B::Buf)>)>> {
+    pub fn losses(&mut self, tape: &mut Tape<B>, stage: usize, users: &[usize]) -> Result<Option<(Var, LossTerms, Option<BankEnqueue<B>>)>> {
         let cfg = &self.cfg.ur4rec;
         let data = self.data;
         let users: Vec<usize> = users.iter().copied().filter(|&u| data.split.train[u].len() >= 2).collect();
@@ -290,11 +290,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let reports = self.opt.step_with_sums(backend, &mut self.store, lrs, self.cfg.train.clip_norm, &sums);
         let grad_norm = reports.iter().map(|r| (self.store.groups[r.group].name.clone(), r.grad_norm)).collect();
-        if let (Some((bt, bv)), Some((t, v))) = (self.banks.as_mut(), enqueue) {
-            let ids: Vec<u32> = users.iter().filter(|&&x| self.data.split.train[x].len() >= 2).map(|&x| x as u32 + 1).collect();
-            let ids_on_device = backend.idx_from_host(&ids);
-            bt.enqueue(backend, &t, &ids, &ids_on_device, self.step as u64);
-            bv.enqueue(backend, &v, &ids, &ids_on_device, self.step as u64);
+        if let (Some(banks), Some(e)) = (self.banks.as_mut(), enqueue) {
+            e.apply(backend, banks, self.step as u64);
         }
         Ok(Some(StepResult { losses, grad_norm, skipped: None }))
     }

@@ -330,6 +330,9 @@ impl Backend for CudaBackend {
         }
         check(self.stream.clone_dtoh(x), "to_host")
     }
+    fn idx_len(&self, x: &CudaSlice<u32>) -> usize {
+        x.len()
+    }
     fn idx_to_host(&self, x: &CudaSlice<u32>) -> Vec<u32> {
         if x.is_empty() {
             return Vec::new();
@@ -1041,7 +1044,7 @@ impl CudaBackend {
     fn infonce_rows(&self, q: &CudaSlice<f32>, k: &CudaSlice<f32>, bank: &Stored<Self>, bank_users: &CudaSlice<u32>,
                     users: &CudaSlice<u32>, d: usize, tau: f32) -> (CudaSlice<f64>, CudaSlice<f64>) {
         let b = users.len();
-        // infonce_bank.cu keeps ≤ 4 accumulators per thread of a 256-thread block.
+        // infonce_dk_f32 keeps ≤ 4 accumulators per thread of a 256-thread block (the tiled kernels take any d).
         assert!(d <= 4 * BLOCK as usize, "infonce_bank: d = {d} > {} is not supported by the CUDA kernel", 4 * BLOCK);
         assert_eq!(q.len(), b * d, "infonce_bank: q shape");
         assert_eq!(k.len(), b * d, "infonce_bank: k shape");
