@@ -16,7 +16,7 @@
 //! Run: `cargo bench --bench kernels`.
 use std::time::Instant;
 use ur4rec_engine::backend::cuda::CudaBackend;
-use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, SeqLayout, StoreFormat, Stored};
+use ur4rec_engine::backend::{AdamWGate, AdamWHyper, Backend, CpuBackend, SeqLayout, StoreFormat, Stored};
 use ur4rec_engine::rng::Rng;
 
 #[global_allocator]
@@ -160,7 +160,9 @@ fn bench_all<B: Timed>(b: &B, ceil: (f64, f64), cpu: bool) {
         row(be, &name, &format!("B={bsz} K={kslots} D={dim}{note}"), secs, bytes, flops, ceil);
         // The step's enqueue of the batch's keys, wrapping (pointer near the end of the ring).
         let ptr = kslots - bsz / 2;
-        let secs = b.median_secs(&mut || b.ring_enqueue(&mut bank, &mut bank_users, &k, &users, dim, ptr));
+        let open = b.wide_from_host(&[1.0]);
+        let mut at = b.idx_from_host(&[ptr as u32]);
+        let secs = b.median_secs(&mut || b.ring_enqueue(&mut bank, &mut bank_users, &mut at, &k, &users, dim, (&open, 0)));
         let bytes = (bsz * dim) as f64 * (4.0 + format.bytes() as f64) + (bsz * 8) as f64;
         row(be, &format!("ring_enqueue {}", format.name()), &format!("B={bsz} into K={kslots} D={dim}"), secs, bytes, 0.0, ceil);
     }
@@ -194,9 +196,11 @@ fn bench_all<B: Timed>(b: &B, ceil: (f64, f64), cpu: bool) {
         let mut p = b.from_host(&rand(&mut rng, n));
         let g = b.from_host(&rand(&mut rng, n));
         let (mut m, mut v) = (b.zeros(n), b.zeros(n));
-        let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_scale: 1.0,
-                             bias_correction1: 0.1, bias_correction2: 0.001 };
-        let secs = b.median_secs(&mut || b.adamw(&mut p, &g, &mut m, &mut v, 0, n, &hp));
+        let hp = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        // An accepted step (verdict 1, clip scale 1) at step count 1, as the step log gates it in training.
+        let (log, counts) = (b.wide_from_host(&[1.0, 1.0]), b.idx_from_host(&[0]));
+        let gate = AdamWGate { log: &log, ok_at: 0, scale_at: 1, counts: &counts, param: 0 };
+        let secs = b.median_secs(&mut || b.adamw(&mut p, &g, &mut m, &mut v, 0, n, &hp, &gate));
         // p, m, v read and written, g read; ~15 FLOP per element (not the binding term).
         row(be, "adamw", "2,000,000 params", secs, f4 * 7.0 * n as f64, 15.0 * n as f64, ceil);
     }

@@ -10,7 +10,8 @@
 //! `BENCH_GPU_STEPS` (default 20) timed steps, wall clock with a device synchronisation at the end.
 //! GPU only, two more rows: UR4Rec at batch 256 with the reference memory bank (65,536 slots) stored in f32
 //! and in bf16 (`ur4rec.bank_format`), with the item tables read as bf16 in the second (`train.table_format`):
-//! the speed effect of 16-bit storage.
+//! the speed effect of 16-bit storage; and UR4Rec at batch 32 and 256 with the step log read every 10 steps
+//! instead of every step (`train.log_every`, `train::step_log`): the cost of one host synchronisation a step.
 //! Run: `cargo bench --bench step`.
 use std::time::Instant;
 use ur4rec_engine::backend::cuda::CudaBackend;
@@ -115,9 +116,14 @@ fn ur4rec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
             seqs = 0;
         }
         let users = batch_users(s, bsz, n);
-        // The trainer's own step: losses, backward, the non-finite guard, AdamW and the memory-bank enqueue.
-        let r = tr.train_step(4, &users, &lrs).expect("UR4Rec step").expect("a non-empty batch");
-        assert!(r.skipped.is_none(), "non-finite UR4Rec step {s}: {:?}", r.skipped);
+        // The trainer's own step: losses, backward, the non-finite guard, AdamW and the memory-bank enqueue,
+        // read back once per `train.log_every` steps as the trainer reads them.
+        assert!(tr.submit_step(4, &users, &lrs).expect("UR4Rec step"), "a non-empty batch");
+        if tr.log_full() || s + 1 == warm + steps {
+            for (step, r) in tr.collect() {
+                assert!(r.skipped.is_none(), "non-finite UR4Rec step {step}: {:?}", r.skipped);
+            }
+        }
         tr.step += 1;
         seqs += users.len();
     }
@@ -177,6 +183,15 @@ fn main() {
             let r = ur4rec_rate(g, &c, &data, 256, 3, gpu_steps, &on_gpu);
             println!("{:<8} {:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   bank 65,536 slots, bank and tables {}", "ur4rec", 256,
                      "-", r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step, format.name());
+        }
+        // The rows above read the step log after every step (log_every = 1, one host synchronisation a step);
+        // the trainer reads it once per `train.log_every` steps. The cost of that synchronisation:
+        for bsz in [32usize, 256] {
+            let mut c = cfg.clone();
+            c.train.log_every = 10;
+            let r = ur4rec_rate(g, &c, &data, bsz, 3, gpu_steps, &on_gpu);
+            println!("{:<8} {:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   step log read every 10 steps", "ur4rec", bsz,
+                     "-", r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step);
         }
     }
 }

@@ -99,7 +99,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Stop after this many evaluations without a better validation NDCG@10 (0 = never).
     pub patience: usize,
-    /// Write a metrics line every this many steps (1: every step).
+    /// Write a metrics line every this many steps (1: every step; 0: none). Also how often the trainers read
+    /// the device-side step log (losses, gradient norms, skipped steps; `train::step_log`): once per this many
+    /// steps (at most every 1,024; every 64 when 0), and before every evaluation and checkpoint.
     pub log_every: usize,
     /// A step whose loss or gradient is non-finite is skipped (no optimizer update) and logged; this many
     /// consecutive skipped steps stop the run with an error (see `train::guard`).
@@ -124,6 +126,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Steps between two reads of the step log (see `log_every`).
+    pub fn readback_interval(&self) -> usize {
+        match self.log_every {
+            0 => 64,
+            n => n.min(1024),
+        }
+    }
+
     /// Whether the testing aids `inject_nan_*` poison the loss at global step `step`.
     pub fn inject_nan(&self, step: usize) -> bool {
         self.inject_nan_at_step == Some(step) || self.inject_nan_from_step.is_some_and(|s| step >= s)

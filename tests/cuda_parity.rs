@@ -13,7 +13,7 @@
 //! Without a GPU every test prints "skipped: no GPU (<reason>)" and returns.
 mod fixtures;
 use ur4rec_engine::backend::cuda::CudaBackend;
-use ur4rec_engine::backend::{AdamWStep, Backend, CpuBackend, DropoutKey, SeqLayout, StoreFormat, Stored};
+use ur4rec_engine::backend::{AdamWGate, AdamWHyper, Backend, VerdictLayout, CpuBackend, DropoutKey, SeqLayout, StoreFormat, Stored};
 use ur4rec_engine::rng::Rng;
 
 const EXACT: f64 = 0.0;
@@ -337,12 +337,6 @@ fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
         let g = b.from_host(&rand(&mut rng, total));
         let mut m = b.from_host(&rand(&mut rng, total).iter().map(|v| v * 0.1).collect::<Vec<_>>());
         let mut v = b.from_host(&rand(&mut rng, total).iter().map(|v| v * v * 0.01).collect::<Vec<_>>());
-        let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.01, grad_scale: 0.5,
-                             bias_correction1: 1.0 - 0.9f32.powi(3), bias_correction2: 1.0 - 0.98f32.powi(3) };
-        b.adamw(&mut p, &g, &mut m, &mut v, 5, n, &hp);
-        out(b, &mut o, format!("adamw_p{n}"), &p, ELEM);
-        out(b, &mut o, format!("adamw_m{n}"), &m, ELEM);
-        out(b, &mut o, format!("adamw_v{n}"), &v, ELEM);
         let ss = b.sum_squares(&g, 3, n);
         o.push((format!("sum_squares{n}"), vec![ss as f32], RED));
         // Several ranges in one call (with an empty one): each exactly `sum_squares` of its range.
@@ -351,11 +345,47 @@ fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
         let one_by_one: Vec<f64> = ranges.iter().map(|&(off, len)| b.sum_squares(&g, off, len)).collect();
         assert_eq!(many, one_by_one, "sum_squares_many must equal sum_squares range by range");
         o.push((format!("sum_squares_many{n}"), many.iter().map(|&v| v as f32).collect(), RED));
-        // With loss scalars read in the same transfer: the same sums, and the scalars as read_scalars reads them.
-        let (l1, l2) = (b.sum_all(&g), b.from_host(&rand(&mut rng, 2)));
-        let (sums, scalars) = b.sum_squares_and_scalars(&g, &ranges, &[&l1, &l2]);
-        assert_eq!(sums, many, "sum_squares_and_scalars: sums");
-        assert_eq!(scalars, b.read_scalars(&[&l1, &l2]), "sum_squares_and_scalars: scalars");
+        // The step log (train::step_log): a row recorded at an offset (the ranges' sums, then two losses), its
+        // verdict and per-group clip scales (groups 0, 1, 0, 1; clip 0.5), the gated AdamW update taking its
+        // clip scale and step count (7 + 1) from the device, then the counts' advance.
+        let (l1, l2) = (b.sum_all(&g), b.from_host(&rand(&mut rng, 1)));
+        let (width, at) = (16, 17);
+        let mut log = b.wide_zeros(2 * width);
+        b.record_step(&mut log, at, &g, &ranges, &[&l1, &l2]);
+        let recorded = b.wide_to_host(&log);
+        assert_eq!(&recorded[at..at + 4], many.as_slice(), "record_step: the sums are sum_squares's");
+        assert_eq!(recorded[at + 4] as f32, b.read_scalar(&l1), "record_step: the loss widened");
+        let groups = b.idx_from_host(&[0, 1, 0, 1]);
+        let layout = VerdictLayout { sums: 4, checked_at: 4, ok_at: 6, scales_at: 7, groups: 2 };
+        b.step_verdict(&mut log, at, &layout, &groups, 0.5);
+        let mut counts = b.idx_from_host(&[2, 7]);
+        let hp = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.01 };
+        let gate = AdamWGate { log: &log, ok_at: at + 6, scale_at: at + 7 + 1, counts: &counts, param: 1 };
+        b.adamw(&mut p, &g, &mut m, &mut v, 5, n, &hp, &gate);
+        b.advance_steps(&mut counts, &b.idx_from_host(&[1]), &log, at + 6);
+        let row = b.wide_to_host(&log)[at..at + 9].to_vec();
+        assert_eq!(row[6], 1.0, "step_verdict: finite sums and loss pass");
+        assert!(row[7] < 1.0 && row[8] < 1.0, "clip 0.5 scales both groups down: {row:?}");
+        o.push((format!("step_log_row{n}"), row.iter().map(|&x| x as f32).collect(), RED));
+        assert_eq!(b.idx_to_host(&counts), vec![2, 8], "advance_steps after an accepted step");
+        out(b, &mut o, format!("adamw_p{n}"), &p, ELEM);
+        out(b, &mut o, format!("adamw_m{n}"), &m, ELEM);
+        out(b, &mut o, format!("adamw_v{n}"), &v, ELEM);
+        // A refused step: a NaN in one gradient range makes the verdict 0; the update and the advance then
+        // leave everything exactly as it was.
+        let mut bad = b.to_host(&g);
+        bad[1 + n / 2] = f32::NAN;
+        let bad = b.from_host(&bad);
+        b.record_step(&mut log, 0, &bad, &ranges, &[&l1]);
+        let layout = VerdictLayout { sums: 4, checked_at: 4, ok_at: 5, scales_at: 6, groups: 2 };
+        b.step_verdict(&mut log, 0, &layout, &groups, 0.5);
+        assert_eq!(b.wide_to_host(&log)[5], 0.0, "step_verdict: a NaN gradient refuses the step");
+        let before = (b.to_host(&p), b.to_host(&m), b.to_host(&v));
+        let gate = AdamWGate { log: &log, ok_at: 5, scale_at: 6, counts: &counts, param: 0 };
+        b.adamw(&mut p, &bad, &mut m, &mut v, 0, n, &hp, &gate);
+        b.advance_steps(&mut counts, &b.idx_from_host(&[0, 1]), &log, 5);
+        assert_eq!((b.to_host(&p), b.to_host(&m), b.to_host(&v)), before, "a refused AdamW update changes nothing");
+        assert_eq!(b.idx_to_host(&counts), vec![2, 8], "a refused step advances no count");
         out(b, &mut o, format!("sum_all{n}"), &b.sum_all(&g), RED);
         o.push((format!("read_scalar{n}"), vec![b.read_scalar(&b.sum_all(&g))], RED));
     }
@@ -594,7 +624,14 @@ fn ring_enqueue_ops<B: Backend>(b: &B) -> Outputs {
         // Keys with more mantissa than 16 bits hold, so the rounding is exercised.
         let keys = b.from_host(&rand(&mut rng, batch * d));
         let users = b.idx_from_host(&rand_idx(&mut rng, batch, 50).iter().map(|u| u + 1).collect::<Vec<_>>());
-        b.ring_enqueue(&mut bank, &mut bank_users, &keys, &users, d, ptr);
+        // A closed gate (a refused step) writes nothing; an open one writes.
+        let gates = b.wide_from_host(&[0.0, 1.0]);
+        let before = bank.to_host(b);
+        let mut at = b.idx_from_host(&[ptr as u32]);
+        b.ring_enqueue(&mut bank, &mut bank_users, &mut at, &keys, &users, d, (&gates, 0));
+        assert_eq!((bank.to_host(b), b.idx_to_host(&at)), (before, vec![ptr as u32]), "ring_enqueue with a closed gate acted");
+        b.ring_enqueue(&mut bank, &mut bank_users, &mut at, &keys, &users, d, (&gates, 1));
+        assert_eq!(b.idx_to_host(&at), vec![((ptr + batch) % slots) as u32], "ring_enqueue: the pointer moves by the batch");
         o.push((format!("ring_enqueue_keys{tag}"), bank.to_host(b), EXACT));
         // The trait has no index readback: read the slot users through gather_rows of the table u ↦ u.
         let table = b.from_host(&(0..51).map(|u| u as f32).collect::<Vec<_>>());

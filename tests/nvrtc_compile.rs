@@ -38,7 +38,7 @@ fn every_kernel_family_compiles_to_sm90_cubin() {
                 let names = kernels::kernel_names(src);
                 assert!(!names.is_empty(), "{family}: no __global__ kernels found");
                 for n in &names {
-                    let dtype = ["_f32", "_f64", "_bf16", "_f16"].iter().any(|t| n.ends_with(t));
+                    let dtype = ["_f32", "_f64", "_bf16", "_f16", "_u32"].iter().any(|t| n.ends_with(t));
                     assert!(dtype, "{family}: kernel {n} does not carry its dtype");
                 }
                 eprintln!("{family}: {} kernels, {} bytes of sm_90 SASS", names.len(), cubin.len());

@@ -179,6 +179,67 @@ fn consecutive_nan_steps_stop_the_run_and_the_best_checkpoint_still_loads() {
 }
 
 /// SASRec sized so the matrix products take the multi-threaded row-block path of the CPU gemm.
+/// The step log is read once per `train.log_every` steps (`train::step_log`), and everything a step
+/// decides — the skip of a NaN step, the clipping, AdamW's step counts, the memory-bank enqueue — happens on
+/// the backend whether or not the host has read it yet. So the reading interval must change nothing: the same
+/// weights bit for bit, the same skipped step named, and at the steps both runs log, the same numbers.
+#[test]
+fn reading_the_step_log_every_step_or_every_few_steps_trains_the_same() {
+    let _lock = serial();
+    let be = CpuBackend::new();
+    let logged = |dir: &std::path::Path, kind: &str| -> Vec<serde_json::Value> {
+        records(dir, kind).into_iter().map(|mut r| {
+            // Throughput is timing, not training.
+            r.as_object_mut().unwrap().retain(|k, _| !k.contains("per_s"));
+            r
+        }).collect()
+    };
+    // SASRec: 5 steps per epoch, read every 1 and every 3 steps (windows cut across epochs and checkpoints);
+    // step 7 is poisoned.
+    let mut runs = Vec::new();
+    for log_every in [1, 3] {
+        let mut cfg = small_sasrec_config();
+        cfg.train.log_every = log_every;
+        cfg.train.checkpoint_every = 4;
+        cfg.train.inject_nan_at_step = Some(7);
+        let data = small_sasrec_data(&cfg, 100);
+        let dir = temp_dir(&format!("sasrec-read-every-{log_every}"));
+        let mut run = RunDir::create(&dir).unwrap();
+        train_sasrec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).unwrap();
+        runs.push(dir);
+    }
+    assert_eq!(fixtures::tensors(&runs[0].join("best.safetensors")), fixtures::tensors(&runs[1].join("best.safetensors")));
+    assert_eq!(fixtures::tensors(&runs[0].join("resume.safetensors")), fixtures::tensors(&runs[1].join("resume.safetensors")));
+    assert_eq!(logged(&runs[0], "nonfinite"), logged(&runs[1], "nonfinite"));
+    assert_eq!(logged(&runs[0], "nonfinite").len(), 1);
+    let every: Vec<_> = logged(&runs[0], "step").into_iter().filter(|r| r["step"].as_u64().unwrap() % 3 == 0).collect();
+    assert_eq!(every, logged(&runs[1], "step"), "the steps both runs log carry the same numbers");
+    assert_eq!(logged(&runs[0], "eval"), logged(&runs[1], "eval"));
+
+    // UR4Rec with a memory bank, all four stages (parity alternation in stage 3), read every 1 and every 5
+    // steps; stage 2's second step is poisoned, so one enqueue is refused inside a reading window.
+    let mut runs = Vec::new();
+    for log_every in [1, 5] {
+        let mut cfg = tiny_ur4rec_cfg();
+        cfg.train.log_every = log_every;
+        cfg.train.inject_nan_at_step = Some(2 * 4 + 1);
+        let data = tiny_ur4rec_data(&cfg, 40);
+        let dir = temp_dir(&format!("ur4rec-read-every-{log_every}"));
+        let mut run = RunDir::create(&dir).unwrap();
+        train_ur4rec(&be, &cfg, &data, &mut run, &RunOptions { quiet: true, ..Default::default() }).unwrap();
+        runs.push(dir);
+    }
+    assert_eq!(fixtures::tensors(&runs[0].join("final.safetensors")), fixtures::tensors(&runs[1].join("final.safetensors")));
+    // The resume checkpoint holds the memory banks (keys, slot users and steps, pointer) and AdamW's counts.
+    assert_eq!(fixtures::tensors(&runs[0].join("resume.safetensors")), fixtures::tensors(&runs[1].join("resume.safetensors")));
+    let bad = logged(&runs[1], "nonfinite");
+    assert_eq!(bad, logged(&runs[0], "nonfinite"));
+    assert_eq!((bad.len(), bad[0]["step"].as_u64(), bad[0]["tensor"].as_str()), (1, Some(9), Some("retrieval")));
+    let every: Vec<_> = logged(&runs[0], "step").into_iter().filter(|r| r["step"].as_u64().unwrap() % 5 == 0).collect();
+    assert_eq!(every, logged(&runs[1], "step"), "the steps both runs log carry the same numbers");
+    assert_eq!(logged(&runs[0], "eval"), logged(&runs[1], "eval"));
+}
+
 fn sasrec_run(threads: usize, steps: usize) -> (Vec<u32>, Vec<u32>) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {

@@ -4,7 +4,7 @@
 //! by one thread in a fixed order and results do not depend on the thread count. Matrix products go to
 //! the `gemm` crate (one single-threaded call per row block).
 use super::stored::{self, Stored};
-use super::{AdamWStep, Backend, DropoutKey, SeqLayout};
+use super::{bias_correction, AdamWGate, AdamWHyper, Backend, DropoutKey, SeqLayout, VerdictLayout};
 use std::borrow::Cow;
 use crate::rng::{counter_base, counter_uniform_at};
 use rayon::prelude::*;
@@ -193,6 +193,7 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Idx = Vec<u32>;
     type Half = Vec<u16>;
+    type Wide = Vec<f64>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -220,6 +221,15 @@ impl Backend for CpuBackend {
         bits.to_vec()
     }
     fn half_to_host(&self, x: &Vec<u16>) -> Vec<u16> {
+        x.clone()
+    }
+    fn wide_zeros(&self, n: usize) -> Vec<f64> {
+        vec![0.0; n]
+    }
+    fn wide_from_host(&self, x: &[f64]) -> Vec<f64> {
+        x.to_vec()
+    }
+    fn wide_to_host(&self, x: &Vec<f64>) -> Vec<f64> {
         x.clone()
     }
     fn len(&self, x: &Vec<f32>) -> usize {
@@ -271,13 +281,17 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut Vec<u32>, keys: &Vec<f32>, users: &Vec<u32>,
-                    dim: usize, ptr: usize) {
+    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut Vec<u32>, ptr: &mut Vec<u32>, keys: &Vec<f32>,
+                    users: &Vec<u32>, dim: usize, gate: (&Vec<f64>, usize)) {
         let (b, size) = (users.len(), bank_users.len());
         assert_eq!(keys.len(), b * dim, "ring_enqueue: keys are [{b}, {dim}]");
-        assert!(ptr < size.max(1), "ring_enqueue: pointer {ptr} outside a bank of {size} slots");
+        let at = ptr[0] as usize;
+        assert!(at < size.max(1), "ring_enqueue: pointer {at} outside a bank of {size} slots");
+        if gate.0[gate.1] == 0.0 || size == 0 {
+            return;
+        }
         for r in b.saturating_sub(size)..b {
-            let slot = (ptr + r) % size;
+            let slot = (at + r) % size;
             let src = &keys[r * dim..(r + 1) * dim];
             match bank {
                 Stored::F32(x) => x[slot * dim..(slot + 1) * dim].copy_from_slice(src),
@@ -285,14 +299,43 @@ impl Backend for CpuBackend {
             }
             bank_users[slot] = users[r];
         }
+        ptr[0] = ((at + b) % size) as u32;
     }
 
     fn sum_squares(&self, x: &Vec<f32>, offset: usize, len: usize) -> f64 {
         x[offset..offset + len].iter().map(|&v| (v as f64) * (v as f64)).sum()
     }
 
+    fn record_step(&self, log: &mut Vec<f64>, at: usize, x: &Vec<f32>, ranges: &[(usize, usize)], scalars: &[&Vec<f32>]) {
+        assert!(at + ranges.len() + scalars.len() <= log.len(), "record_step: the row does not fit the log");
+        for (j, &(offset, len)) in ranges.iter().enumerate() {
+            log[at + j] = self.sum_squares(x, offset, len);
+        }
+        for (j, s) in scalars.iter().enumerate() {
+            log[at + ranges.len() + j] = s[0] as f64;
+        }
+    }
+
+    fn step_verdict(&self, log: &mut Vec<f64>, at: usize, l: &VerdictLayout, groups: &Vec<u32>, clip: f32) {
+        assert_eq!(groups.len(), l.sums, "step_verdict: one group per sum");
+        let row = &mut log[at..];
+        let ok = row[l.checked_at].is_finite() && row[..l.sums].iter().all(|s| s.is_finite());
+        row[l.ok_at] = if ok { 1.0 } else { 0.0 };
+        for g in 0..l.groups {
+            let norm = (0..l.sums).filter(|&j| groups[j] as usize == g).map(|j| row[j]).sum::<f64>().sqrt();
+            let scale = if clip > 0.0 { (clip as f64 / (norm + 1e-6)).min(1.0) as f32 } else { 1.0 };
+            row[l.scales_at + g] = scale as f64;
+        }
+    }
+
     fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, offset: usize, len: usize,
-             hp: &AdamWStep) {
+             hp: &AdamWHyper, gate: &AdamWGate<Self>) {
+        if gate.log[gate.ok_at] == 0.0 {
+            return;
+        }
+        let grad_scale = gate.log[gate.scale_at] as f32;
+        let t = gate.counts[gate.param] as u64 + 1;
+        let (bc1, bc2) = (bias_correction(hp.beta1, t), bias_correction(hp.beta2, t));
         let r = offset..offset + len;
         let decay = 1.0 - hp.lr * hp.weight_decay;
         p[r.clone()].par_chunks_mut(4096)
@@ -301,14 +344,22 @@ impl Backend for CpuBackend {
             .zip(g[r].par_chunks(4096))
             .for_each(|(((p, m), v), g)| {
                 for i in 0..p.len() {
-                    let gi = g[i] * hp.grad_scale;
+                    let gi = g[i] * grad_scale;
                     m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
                     v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
-                    let mhat = m[i] / hp.bias_correction1;
-                    let vhat = v[i] / hp.bias_correction2;
+                    let mhat = m[i] / bc1;
+                    let vhat = v[i] / bc2;
                     p[i] = p[i] * decay - hp.lr * mhat / (vhat.sqrt() + hp.eps);
                 }
             });
+    }
+
+    fn advance_steps(&self, counts: &mut Vec<u32>, params: &Vec<u32>, log: &Vec<f64>, ok_at: usize) {
+        if log[ok_at] != 0.0 {
+            for &p in params {
+                counts[p as usize] += 1;
+            }
+        }
     }
 
     fn gemm(&self, batch: usize, m: usize, n: usize, k: usize, alpha: f32, a: &Vec<f32>, trans_a: bool,

@@ -28,20 +28,59 @@ pub struct DropoutKey {
     pub stream: u64,
 }
 
-/// Scalars of one AdamW update of one parameter range.
+/// Hyper-parameters of one AdamW update of one parameter range. The gradient scale (clipping), the step
+/// count and whether the update happens at all come from the device-side step log ([`AdamWGate`]), so the
+/// host never has to read a step's gradients before updating.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWStep {
+pub struct AdamWHyper {
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     /// Decoupled weight decay (0 where the parameter is not decayed).
     pub weight_decay: f32,
-    /// Multiplies the gradient first (gradient-norm clipping).
-    pub grad_scale: f32,
-    /// `1 − beta1^t` and `1 − beta2^t` for this parameter's step count `t`.
-    pub bias_correction1: f32,
-    pub bias_correction2: f32,
+}
+
+/// Where an AdamW update reads what the step's verdict decided (`train::step_log`): the update runs only
+/// if `log[ok_at] != 0`; the gradient is multiplied by `log[scale_at]` (clipping); the parameter's step
+/// count is `counts[param] + 1` (the counts advance after the step's updates, [`Backend::advance_steps`]).
+pub struct AdamWGate<'a, B: Backend> {
+    pub log: &'a B::Wide,
+    pub ok_at: usize,
+    pub scale_at: usize,
+    pub counts: &'a B::Idx,
+    pub param: usize,
+}
+
+/// Where [`Backend::step_verdict`] reads and writes in a step-log row (offsets from the row's start).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VerdictLayout {
+    /// The row starts with this many gradient sums of squares (one per stepped parameter).
+    pub sums: usize,
+    /// The loss value that must be finite (the total the backward started from).
+    pub checked_at: usize,
+    /// Written: 1 if the step may update, else 0.
+    pub ok_at: usize,
+    /// Written: the clip scale of each of `groups` parameter groups, from `scales_at`.
+    pub scales_at: usize,
+    pub groups: usize,
+}
+
+/// `1 − beta^t`, AdamW's bias correction: `beta^t` by squaring in f64 (a fixed sequence of correctly rounded
+/// products, so the CUDA twin `bias_correction` in `kernels/adamw.cu` gives the same bits), then rounded to
+/// f32. (PyTorch computes `1 − beta ** step` in Python floats, f64, too.)
+pub fn bias_correction(beta: f32, t: u64) -> f32 {
+    let (mut r, mut a, mut e) = (1.0f64, beta as f64, t);
+    while e > 0 {
+        if e & 1 == 1 {
+            r *= a;
+        }
+        e >>= 1;
+        if e > 0 {
+            a *= a;
+        }
+    }
+    (1.0 - r) as f32
 }
 
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -49,6 +88,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Idx: Send + Sync;
     /// 16-bit storage (bf16 or f16 bits) of stored-only tensors; see [`stored`].
     type Half: Send + Sync;
+    /// f64 storage of the step log (`train::step_log`): per step, the gradient sums, the loss values, the
+    /// verdict and the clip scales, read back once per logging interval.
+    type Wide: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -61,6 +103,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn idx_to_host(&self, x: &Self::Idx) -> Vec<u32>;
     fn half_from_host(&self, bits: &[u16]) -> Self::Half;
     fn half_to_host(&self, x: &Self::Half) -> Vec<u16>;
+    fn wide_zeros(&self, n: usize) -> Self::Wide;
+    fn wide_from_host(&self, x: &[f64]) -> Self::Wide;
+    /// On the GPU: the step log's readback, the trainers' one host synchronisation per logging interval.
+    fn wide_to_host(&self, x: &Self::Wide) -> Vec<f64>;
     fn len(&self, x: &Self::Buf) -> usize;
     /// A copy of `src[offset .. offset + len]`.
     fn copy_range(&self, src: &Self::Buf, offset: usize, len: usize) -> Self::Buf;
@@ -82,9 +128,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Ring-buffer enqueue (the memory bank): of the `b` rows of `keys: [b, dim]` and `users: [b]`, row
     /// `r >= b − K` goes to slot `(ptr + r) mod K` of `bank: [K, dim]` (rounded to the bank's format) and
     /// `bank_users: [K]`; earlier rows would be overwritten within the batch and are skipped. This is
-    /// exactly writing the rows one by one from slot `ptr` with wrap-around (`MemoryBank::enqueue`).
-    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut Self::Idx, keys: &Self::Buf, users: &Self::Idx,
-                    dim: usize, ptr: usize);
+    /// exactly writing the rows one by one from slot `ptr` with wrap-around (`MemoryBank::enqueue`). The
+    /// pointer `ptr: [1]` lives with the bank and advances to `(ptr + b) mod K`. Nothing is written and the
+    /// pointer stays when `gate.0[gate.1] == 0` (the step's verdict refused it; `train::step_log`).
+    #[allow(clippy::too_many_arguments)]
+    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut Self::Idx, ptr: &mut Self::Idx, keys: &Self::Buf,
+                    users: &Self::Idx, dim: usize, gate: (&Self::Wide, usize));
 
     // ---- optimizer -------------------------------------------------------------------------------
     /// `Σ x[offset .. offset + len]²` (gradient-norm clipping), accumulated in f64.
@@ -95,16 +144,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn sum_squares_many(&self, x: &Self::Buf, ranges: &[(usize, usize)]) -> Vec<f64> {
         ranges.iter().map(|&(offset, len)| self.sum_squares(x, offset, len)).collect()
     }
-    /// [`Backend::sum_squares_many`] of `x` and [`Backend::read_scalars`] of `scalars`, read back together: the
-    /// trainers' one host synchronisation per step (gradient check, clipping and the logged loss terms).
-    fn sum_squares_and_scalars(&self, x: &Self::Buf, ranges: &[(usize, usize)], scalars: &[&Self::Buf])
-        -> (Vec<f64>, Vec<f32>) {
-        (self.sum_squares_many(x, ranges), self.read_scalars(scalars))
-    }
-    /// One fused AdamW update of `p[offset .. offset + len]` (decoupled weight decay; see `train::optim`).
+    /// Writes one step-log row from `log[at]` on: [`Backend::sum_squares`] of each `(offset, len)` range of
+    /// `x` (each summed exactly as `sum_squares` sums it), then each 1-element `scalars` buffer widened to
+    /// f64. Nothing is read back: the trainers read the log once per logging interval.
+    fn record_step(&self, log: &mut Self::Wide, at: usize, x: &Self::Buf, ranges: &[(usize, usize)], scalars: &[&Self::Buf]);
+    /// The step's verdict, on the row at `log[at]` that [`Backend::record_step`] wrote: it may update iff the
+    /// checked loss and every gradient sum are finite (written 1/0 at `ok_at`); each group's clip scale
+    /// `min(1, clip / (‖g_group‖ + 1e−6))` (1 when `clip <= 0`), the norm the square root of the group's sums
+    /// added in row order, goes to `scales_at + group`. `groups[j]` is the group of sum `j`.
+    fn step_verdict(&self, log: &mut Self::Wide, at: usize, layout: &VerdictLayout, groups: &Self::Idx, clip: f32);
+    /// One fused AdamW update of `p[offset .. offset + len]` (decoupled weight decay; see `train::optim`),
+    /// if the step's verdict allows it ([`AdamWGate`]).
     #[allow(clippy::too_many_arguments)]
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, offset: usize,
-             len: usize, hp: &AdamWStep);
+             len: usize, hp: &AdamWHyper, gate: &AdamWGate<Self>);
+    /// `counts[params[j]] += 1` for every `j`, if `log[ok_at] != 0` (after the step's AdamW updates).
+    fn advance_steps(&self, counts: &mut Self::Idx, params: &Self::Idx, log: &Self::Wide, ok_at: usize);
 
     // ---- dense linear algebra --------------------------------------------------------------------
     /// `C[i] = alpha * op(A[i]) · op(B[i]) + beta * C[i]` for `i < batch`, where `op(A)` is `[m, k]`

@@ -183,7 +183,7 @@ pub fn joint_losses<B: Backend>(tape: &mut Tape<B>, sasrec: &SasRec, retriever: 
     Ok(JointOutput { total, terms: read, sasrec_scores: s, retriever_scores: r, enqueue })
 }
 
-/// A step's memory-bank enqueue, applied after its update (a skipped step drops it): the batch's normalised
+/// A step's memory-bank enqueue, applied after its update (a refused step writes nothing): the batch's normalised
 /// text and visual user vectors (copies on the backend, so the tape can be dropped first) and their users.
 pub struct BankEnqueue<B: Backend> {
     pub text: B::Buf,
@@ -193,15 +193,16 @@ pub struct BankEnqueue<B: Backend> {
 }
 
 impl<B: Backend> BankEnqueue<B> {
-    /// Writes the text keys into the text bank and the visual keys into the visual bank, at global `step`.
-    pub fn apply(&self, backend: &B, (text, visual): &mut (DeviceBank<B>, DeviceBank<B>), step: u64) {
-        text.enqueue(backend, &self.text, &self.users, &self.users_on_device, step);
-        visual.enqueue(backend, &self.visual, &self.users, &self.users_on_device, step);
+    /// Writes the text keys into the text bank and the visual keys into the visual bank, at global `step`,
+    /// if the step's verdict `gate` (in the step log) allows it.
+    pub fn apply(&self, backend: &B, (text, visual): &mut (DeviceBank<B>, DeviceBank<B>), step: u64, gate: (&B::Wide, usize)) {
+        text.enqueue(backend, &self.text, &self.users, &self.users_on_device, step, gate);
+        visual.enqueue(backend, &self.visual, &self.users, &self.users_on_device, step, gate);
     }
 }
 
-/// The loss terms' tape variables. They are read back to the host together, after the backward and with the
-/// gradient sums the guard and the clipping need (`guard::read_step`): one device synchronisation a step.
+/// The loss terms' tape variables. The step records their values in the device-side step log
+/// (`train::step_log`) with the gradient sums; the host reads them once per logging interval.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LossTerms {
     pub total: Option<Var>,

@@ -1,12 +1,13 @@
 //! The non-finite guard shared by both trainers (mission.md §9, "a non-finite loss or gradient skips the
 //! step and is logged with the tensor's name").
 //!
-//! A step is checked twice before the optimizer may touch anything: its loss terms (read back for logging
-//! anyway), then every trainable parameter's slice of the flat gradient buffer (`Backend::sum_squares`, one
-//! pass over the gradients: a NaN or Inf anywhere makes the sum non-finite). Both come back together after
-//! the backward ([`read_step`]): one host synchronisation per step on the GPU. A bad step is reported on stderr and as a `{"kind":"nonfinite", ...}` record in
-//! `metrics.jsonl` and is then skipped: no AdamW update, so weights, moments and the per-parameter step
-//! counts stay exactly as they were. Only a run of `train.max_bad_steps` consecutive bad steps is fatal —
+//! A step is checked twice before the optimizer may touch anything: its total loss, then every trainable
+//! parameter's slice of the flat gradient buffer (a sum of squares: a NaN or Inf anywhere makes it
+//! non-finite). The check runs on the device (`train::step_log`: the verdict gates the AdamW update and the
+//! memory-bank enqueue), so a bad step changes nothing — no AdamW update, so weights, moments and the
+//! per-parameter step counts stay exactly as they were. The host learns of it when it next reads the step
+//! log (once per logging interval) and reports it, with its step number and the first bad loss term or
+//! parameter, on stderr and as a `{"kind":"nonfinite", ...}` record in `metrics.jsonl`. Only a run of `train.max_bad_steps` consecutive bad steps is fatal —
 //! one bad batch (an overflow, a degenerate Gram matrix) should not cost a long run, but a model that
 //! has diverged should not spin forever either. Checkpoints are written only from weights that
 //! [`check_weights`] finds finite, so whatever is on disk when the run stops is loadable and good.
@@ -54,32 +55,15 @@ pub fn check_losses(terms: &[(&str, f32)]) -> Option<NonFinite> {
         .map(|(name, v)| NonFinite { source: "loss", tensor: name.to_string(), group: None, value: *v as f64 })
 }
 
-/// Each parameter's gradient sum of squares (0 for a frozen parameter), in one backend pass — one host
-/// read on the GPU. The guard and the optimizer's clipping share it.
+/// Each parameter's gradient sum of squares (0 for a frozen parameter).
 pub fn grad_sum_squares<B: Backend>(backend: &B, store: &ParamStore<B>) -> Vec<f64> {
-    read_step(backend, store, &[]).grad_sums
-}
-
-/// What a step reads back after its backward, in one host read on the GPU.
-pub struct StepReadback {
-    /// [`grad_sum_squares`].
-    pub grad_sums: Vec<f64>,
-    /// The values of the 1-element loss buffers asked for, in order.
-    pub losses: Vec<f32>,
-}
-
-/// The gradient sums of [`grad_sum_squares`] and the step's loss values together: the guard checks the
-/// losses, then the gradients, and the clipping uses the sums — one synchronisation per step. (A step with a
-/// non-finite loss has run its backward for nothing; it is skipped all the same.)
-pub fn read_step<B: Backend>(backend: &B, store: &ParamStore<B>, losses: &[&B::Buf]) -> StepReadback {
     let trainable: Vec<usize> = (0..store.infos.len()).filter(|&i| store.infos[i].trainable).collect();
     let ranges: Vec<(usize, usize)> = trainable.iter().map(|&i| (store.infos[i].offset, store.infos[i].len)).collect();
-    let (trainable_sums, losses) = backend.sum_squares_and_scalars(&store.grads, &ranges, losses);
-    let mut grad_sums = vec![0.0; store.infos.len()];
-    for (i, s) in trainable.into_iter().zip(trainable_sums) {
-        grad_sums[i] = s;
+    let mut sums = vec![0.0; store.infos.len()];
+    for (i, s) in trainable.into_iter().zip(backend.sum_squares_many(&store.grads, &ranges)) {
+        sums[i] = s;
     }
-    StepReadback { grad_sums, losses }
+    sums
 }
 
 /// The first trainable parameter, in storage order, whose gradient sum of squares (from

@@ -5,6 +5,7 @@ pub mod optim;
 pub mod schedule;
 pub mod objective;
 pub mod guard;
+pub mod step_log;
 pub mod trainer;
 pub mod ur4rec_trainer;
 pub mod strategies;

@@ -8,9 +8,11 @@
 //! m ← β1 m + (1−β1) g ;  v ← β2 v + (1−β2) g²
 //! p ← p·(1 − lr·wd) − lr · (m / (1−β1^t)) / (√(v / (1−β2^t)) + ε)
 //! ```
-//! Only trainable parameters move; a frozen parameter's moments and step stay untouched.
-use crate::backend::{AdamWStep, Backend};
+//! Only trainable parameters move; a frozen parameter's moments and step stay untouched. The update runs on the
+//! device, gated by the step's verdict (`train::step_log`); `1 − β^t` is `backend::bias_correction`.
+use crate::backend::Backend;
 use crate::params::ParamStore;
+use crate::train::step_log::StepLog;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamW {
@@ -37,55 +39,21 @@ impl AdamW {
         AdamW { beta1, beta2, eps, weight_decay, steps: vec![0; num_params] }
     }
 
-    /// L2 norm of a group's gradient over its trainable parameters.
-    pub fn group_grad_norm<B: Backend>(backend: &B, store: &ParamStore<B>, group: usize) -> f64 {
-        store.infos.iter().filter(|p| p.group == group && p.trainable)
-            .map(|p| backend.sum_squares(&store.grads, p.offset, p.len)).sum::<f64>().sqrt()
-    }
-
-    /// One step for every group with `lrs[group] > 0`; `clip` is the per-group max norm (0 = off).
+    /// One immediate step for every group (tests, benchmarks and the golden parity check); `clip` is the
+    /// per-group max norm (0 = off). It runs exactly what a trainer's step runs — the device-side step log
+    /// of `train::step_log` with one row, read back at once — so a non-finite gradient skips the update
+    /// (and the reports are empty).
     pub fn step<B: Backend>(&mut self, backend: &B, store: &mut ParamStore<B>, lrs: &[f32], clip: f32) -> Vec<GroupStepReport> {
-        let sums = crate::train::guard::grad_sum_squares(backend, store);
-        self.step_with_sums(backend, store, lrs, clip, &sums)
-    }
-
-    /// [`AdamW::step`] given each parameter's gradient sum of squares (`guard::grad_sum_squares`, which the
-    /// trainers compute once for the non-finite check and the clipping together). A group's norm is the
-    /// square root of its parameters' sums added in storage order — the same bits as
-    /// [`AdamW::group_grad_norm`].
-    pub fn step_with_sums<B: Backend>(&mut self, backend: &B, store: &mut ParamStore<B>, lrs: &[f32], clip: f32,
-                                      sums: &[f64]) -> Vec<GroupStepReport> {
-        assert_eq!(lrs.len(), store.groups.len(), "one learning rate per parameter group");
-        assert_eq!(sums.len(), store.infos.len(), "one sum of squares per parameter");
-        let mut reports = Vec::new();
-        for (group, &lr) in lrs.iter().enumerate() {
-            if !store.infos.iter().any(|p| p.group == group && p.trainable) {
-                continue;
-            }
-            let grad_norm = store.infos.iter().zip(sums).filter(|(p, _)| p.group == group && p.trainable)
-                .map(|(_, s)| s).sum::<f64>().sqrt();
-            let clip_scale = if clip > 0.0 { (clip as f64 / (grad_norm + 1e-6)).min(1.0) as f32 } else { 1.0 };
-            reports.push(GroupStepReport { group, lr, grad_norm, clip_scale });
-            for (i, p) in store.infos.iter().enumerate() {
-                if p.group != group || !p.trainable {
-                    continue;
-                }
-                self.steps[i] += 1;
-                let t = self.steps[i] as i32;
-                let hp = AdamWStep {
-                    lr,
-                    beta1: self.beta1,
-                    beta2: self.beta2,
-                    eps: self.eps,
-                    weight_decay: if p.decay { self.weight_decay } else { 0.0 },
-                    grad_scale: clip_scale,
-                    bias_correction1: 1.0 - self.beta1.powi(t),
-                    bias_correction2: 1.0 - self.beta2.powi(t),
-                };
-                backend.adamw(&mut store.values, &store.grads, &mut store.m, &mut store.v, p.offset, p.len, &hp);
-            }
+        let mut log = StepLog::new(backend, store, self, 1);
+        // No loss here: a finite stand-in is the value the verdict checks.
+        let no_loss = backend.from_host(&[0.0]);
+        log.step(backend, store, self, lrs, clip, &[&no_loss], 0);
+        let read = log.read(backend, self).pop().expect("the step just logged");
+        if !read.ok {
+            return Vec::new();
         }
-        reports
+        read.groups.iter().map(|&(group, grad_norm, clip_scale)| GroupStepReport { group, lr: lrs[group], grad_norm, clip_scale })
+            .collect()
     }
 }
 
@@ -130,9 +98,31 @@ mod tests {
         let g1 = 3.0 * cs;
         let (m1, v1) = (0.1 * g1, 0.001 * g1 * g1);
         let (m2, v2) = (0.9 * m1 + 0.1, 0.999 * v1 + 0.001);
-        let mhat = m2 / (1.0 - 0.9f32.powi(2));
-        let vhat = v2 / (1.0 - 0.999f32.powi(2));
+        // 1 − β² in f64 (as PyTorch and `backend::bias_correction` compute it): in f32, 1 − 0.999² loses
+        // ~5 of its 24 bits to cancellation, enough to move the update by 1e-6.
+        let mhat = m2 / (1.0 - (0.9f32 as f64).powi(2)) as f32;
+        let vhat = v2 / (1.0 - (0.999f32 as f64).powi(2)) as f32;
         let expect = expect_a0 * (1.0 - 0.1 * 0.01) - 0.1 * mhat / (vhat.sqrt() + 1e-8);
-        assert!((store.values_of(&be, a)[0] - expect).abs() < 1e-6);
+        assert!((store.values_of(&be, a)[0] - expect).abs() < 1e-6, "{} vs {expect}", store.values_of(&be, a)[0]);
+
+        // A non-finite gradient: the step is refused, nothing moves and no group reports.
+        store.grads = vec![f32::NAN, 1.0, 1.0];
+        let before = (store.values.clone(), store.m.clone(), store.v.clone(), opt.steps.clone());
+        assert!(opt.step(&be, &mut store, &[0.1, 0.01], 1.0).is_empty());
+        assert_eq!((store.values.clone(), store.m.clone(), store.v.clone(), opt.steps.clone()), before);
+    }
+
+    /// `1 − β^t` by squaring in f64 against the closed form, over the step counts training reaches.
+    #[test]
+    fn bias_correction_follows_the_closed_form() {
+        use crate::backend::bias_correction;
+        for beta in [0.9f32, 0.98, 0.999] {
+            for t in [1u64, 2, 3, 7, 100, 1_000, 12_345, 1_000_000] {
+                let want = (1.0 - (beta as f64).powf(t as f64)) as f32;
+                let got = bias_correction(beta, t);
+                assert!((got - want).abs() <= f32::EPSILON * want, "beta {beta}, t {t}: {got} vs {want}");
+            }
+        }
+        assert_eq!(bias_correction(0.9, 1), 1.0 - 0.9f32, "t = 1 is exact");
     }
 }

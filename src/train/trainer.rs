@@ -17,6 +17,7 @@ use crate::train::objective::sasrec_loss;
 use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
+use crate::train::step_log::{StepLog, StepRead};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use crate::train::resume::{Checkpointer, ResumeWriter};
@@ -158,13 +159,14 @@ pub struct StepOutcome {
     pub skipped: Option<NonFinite>,
 }
 
-/// One SASRec training step on `users` (0-based): forward on a fresh tape, backward, AdamW — unless the
-/// loss or a gradient is non-finite (see `train::guard`).
-/// Returns `None` when no user in the batch has a training pair.
+/// One SASRec training step on `users` (0-based), on the device and without reading anything back: forward
+/// on a fresh tape, backward, then the step-log row, its verdict and the gated AdamW update (see
+/// `train::step_log`: a non-finite loss or gradient makes the device skip the update). Returns the step's
+/// sequences and tokens, or `None` when no user in the batch has a training pair (nothing ran).
 #[allow(clippy::too_many_arguments)]
-pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store: &mut ParamStore<B>, opt: &mut AdamW,
-                               data: &PreparedData, users: &[usize], rng: &mut Rng, step: usize, lr: f32)
-                               -> Result<Option<StepOutcome>> {
+pub fn sasrec_submit<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store: &mut ParamStore<B>, opt: &AdamW,
+                                 log: &mut StepLog<B>, data: &PreparedData, users: &[usize], rng: &mut Rng, step: usize,
+                                 lr: f32) -> Result<Option<(usize, usize)>> {
     let t = &cfg.train;
     let mut tape = Tape::new(backend, cfg.seed, step as u64);
     let vars = model.bind(&mut tape, store);
@@ -173,21 +175,65 @@ pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store:
     let loss_var = if t.inject_nan(step) { tape.scale(bl.loss, f32::NAN) } else { bl.loss };
     store.zero_grads(backend);
     tape.backward(loss_var, &mut store.grads);
-    // The loss and one pass over the gradients (the non-finite check and the clipping): one host read on the GPU.
-    let read = guard::read_step(backend, store, &[tape.value(loss_var)]);
-    drop(tape);
-    let (loss, sums) = (read.losses[0], read.grad_sums);
-    let skipped = |what| Ok(Some(StepOutcome { loss, grad_norm: f64::NAN, sequences: bl.sequences, tokens: bl.tokens,
-                                               skipped: Some(what) }));
-    if let Some(what) = guard::check_losses(&[("sasrec", loss)]) {
-        return skipped(what);
+    log.step(backend, store, opt, &[lr], t.clip_norm, &[tape.value(loss_var)], 0);
+    Ok(Some((bl.sequences, bl.tokens)))
+}
+
+/// What a step read back from the step log says, as a [`StepOutcome`].
+fn outcome<B: Backend>(store: &ParamStore<B>, r: &StepRead, sequences: usize, tokens: usize) -> StepOutcome {
+    let loss = r.losses[0];
+    let skipped = (!r.ok).then(|| {
+        guard::check_losses(&[("sasrec", loss)]).or_else(|| r.first_bad_gradient(store))
+            .unwrap_or_else(|| NonFinite { source: "grad", tensor: "(unattributed)".into(), group: None, value: f64::NAN })
+    });
+    let grad_norm = if r.ok { r.groups.first().map(|g| g.1).unwrap_or(0.0) } else { f64::NAN };
+    StepOutcome { loss, grad_norm, sequences, tokens, skipped }
+}
+
+/// [`sasrec_submit`] read back at once (tests and benchmarks): one SASRec step with its outcome.
+#[allow(clippy::too_many_arguments)]
+pub fn sasrec_step<B: Backend>(backend: &B, cfg: &Config, model: &SasRec, store: &mut ParamStore<B>, opt: &mut AdamW,
+                               data: &PreparedData, users: &[usize], rng: &mut Rng, step: usize, lr: f32)
+                               -> Result<Option<StepOutcome>> {
+    let mut log = StepLog::new(backend, store, opt, 1);
+    let Some((sequences, tokens)) = sasrec_submit(backend, cfg, model, store, opt, &mut log, data, users, rng, step, lr)?
+        else { return Ok(None) };
+    let r = log.read(backend, opt).pop().expect("the step just logged");
+    Ok(Some(outcome(store, &r, sequences, tokens)))
+}
+
+/// A submitted step as the loop knew it.
+struct Waiting {
+    step: usize,
+    lr: f32,
+    sequences: usize,
+    tokens: usize,
+}
+
+/// Reads the submitted steps back and does, in step order, what needs their numbers: the guard, the step
+/// records and the epoch's loss, sequences and tokens.
+#[allow(clippy::too_many_arguments)]
+fn absorb<B: Backend>(backend: &B, log: &mut StepLog<B>, opt: &mut AdamW, store: &ParamStore<B>, waiting: &mut Vec<Waiting>,
+                      p: &mut SasRecProgress, guard: &mut StepGuard, run: &mut RunDir, log_every: usize) -> Result<()> {
+    let reads = log.read(backend, opt);
+    assert_eq!(reads.len(), waiting.len(), "one step-log row per submitted step");
+    for (r, w) in reads.iter().zip(waiting.drain(..)) {
+        let o = outcome(store, r, w.sequences, w.tokens);
+        if let Some(what) = &o.skipped {
+            // The batch is consumed and the schedule moves on; only the update is dropped.
+            guard.bad(run, None, p.epoch, w.step, what)?;
+            continue;
+        }
+        guard.good();
+        p.loss_sum += o.loss as f64;
+        p.loss_n += 1;
+        p.ep_seqs += o.sequences;
+        p.ep_tokens += o.tokens;
+        if log_every > 0 && w.step.is_multiple_of(log_every) {
+            run.log(&StepRecord { kind: "step", epoch: p.epoch, step: w.step, loss: o.loss, lr: w.lr, grad_norm: o.grad_norm })?;
+        }
     }
-    if let Some(what) = guard::first_non_finite(store, &sums) {
-        return skipped(what);
-    }
-    let reports = opt.step_with_sums(backend, store, &[lr], t.clip_norm, &sums);
-    let grad_norm = reports.first().map(|r| r.grad_norm).unwrap_or(0.0);
-    Ok(Some(StepOutcome { loss, grad_norm, sequences: bl.sequences, tokens: bl.tokens, skipped: None }))
+    Ok(())
 }
 
 /// Prints above the progress bar, or plainly when the bar is hidden (quiet mode, not a terminal).
@@ -292,6 +338,9 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         (guard.consecutive, guard.total) = (p.guard_consecutive, p.guard_total);
         eprintln!("resuming {} at epoch {}, step {}", ck.run.path.display(), p.epoch, p.step);
     }
+    // AdamW's step counts on the device start from the (possibly restored) host ones.
+    let mut log = StepLog::new(backend, &store, &opt, t.readback_interval());
+    let mut waiting: Vec<Waiting> = Vec::new();
     let bar = if opts.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total_steps as u64) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
@@ -312,32 +361,27 @@ pub fn train_sasrec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
             let chunk = &order[p.next_chunk * bs..((p.next_chunk + 1) * bs).min(users)];
             p.next_chunk += 1;
             let lr = t.lr * lr_factor(t.schedule, p.step, total_steps, t.warmup_steps);
-            let Some(o) = sasrec_step(backend, cfg, &model, &mut store, &mut opt, data, chunk, &mut p.rng, p.step, lr)
-                .with_context(|| format!("epoch {epoch}"))? else { continue };
-            if let Some(what) = &o.skipped {
-                // The batch is consumed and the schedule moves on; only the update is dropped.
-                guard.bad(ck.run, None, epoch, p.step, what).inspect_err(|_| bar.finish_and_clear())?;
-            } else {
-                guard.good();
-                let (loss, grad_norm) = (o.loss, o.grad_norm);
-                p.loss_sum += loss as f64;
-                p.loss_n += 1;
-                p.ep_seqs += o.sequences;
-                p.ep_tokens += o.tokens;
-                if t.log_every > 0 && p.step.is_multiple_of(t.log_every) {
-                    ck.run.log(&StepRecord { kind: "step", epoch, step: p.step, loss, lr, grad_norm })?;
-                }
-                let secs = p.ep_seconds + epoch_clock.elapsed().as_secs_f64();
-                bar.set_message(format!("epoch {epoch} loss {:.4}  {:.0} seq/s", p.loss_sum / p.loss_n as f64,
-                                        p.ep_seqs as f64 / secs.max(1e-9)));
-            }
+            let Some((sequences, tokens)) = sasrec_submit(backend, cfg, &model, &mut store, &opt, &mut log, data, chunk, &mut p.rng,
+                                                          p.step, lr).with_context(|| format!("epoch {epoch}"))? else { continue };
+            waiting.push(Waiting { step: p.step, lr, sequences, tokens });
             p.step += 1;
             bar.inc(1);
-            if ck.due_after_step(p.step) {
+            // The step log is read when it is full and before a checkpoint (and at the epoch's end).
+            let checkpoint = ck.due_after_step(p.step);
+            if log.is_full() || checkpoint {
+                absorb(backend, &mut log, &mut opt, &store, &mut waiting, &mut p, &mut guard, ck.run, t.log_every)
+                    .inspect_err(|_| bar.finish_and_clear())?;
+                let secs = p.ep_seconds + epoch_clock.elapsed().as_secs_f64();
+                bar.set_message(format!("epoch {epoch} loss {:.4}  {:.0} seq/s", p.loss_sum / p.loss_n.max(1) as f64,
+                                        p.ep_seqs as f64 / secs.max(1e-9)));
+            }
+            if checkpoint {
                 save_resume(&mut ck, backend, &store, &opt, &order, &p, &guard, &epoch_clock, &wall)?;
                 ck.stop_if_asked(p.step, true).inspect_err(|_| bar.finish_and_clear())?;
             }
         }
+        absorb(backend, &mut log, &mut opt, &store, &mut waiting, &mut p, &mut guard, ck.run, t.log_every)
+            .inspect_err(|_| bar.finish_and_clear())?;
         let secs = p.ep_seconds + epoch_clock.elapsed().as_secs_f64();
         p.train_seconds += secs;
         p.seqs_done += p.ep_seqs;

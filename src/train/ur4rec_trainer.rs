@@ -19,6 +19,7 @@ use crate::train::objective::sasrec_loss;
 use crate::train::guard::{self, NonFinite, StepGuard};
 use crate::train::optim::AdamW;
 use crate::train::schedule::lr_factor;
+use crate::train::step_log::StepLog;
 use crate::train::strategies::{AdaptiveAlternation, Alternation, DeviceBank, LossWeights, MemoryBank, Module, ParityAlternation,
                                UnfreezeSchedule, Weights};
 use crate::train::resume::{BankMeta, Checkpointer, ResumeFile, ResumeWriter};
@@ -168,6 +169,9 @@ pub struct Trainer<'a, B: Backend> {
     weights: LossWeights,
     unfreeze: UnfreezeSchedule,
     steps_per_epoch: usize,
+    /// The device-side record of the steps not read back yet, and each one's global step and loss layout.
+    log: StepLog<B>,
+    submitted: Vec<(usize, LossTerms)>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -197,8 +201,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let names: Vec<&str> = store.infos.iter().map(|p| p.name.as_str()).collect();
         unfreeze.validate(&names).map_err(anyhow::Error::msg).context("ur4rec.unfreeze")?;
         let opt = AdamW::new(store.infos.len(), cfg.train.beta1, cfg.train.beta2, cfg.train.adam_eps, cfg.train.weight_decay);
+        let log = StepLog::new(backend, &store, &opt, cfg.train.readback_interval());
         Ok(Trainer { backend, cfg, data, model, store, opt, rng: Rng::derive(cfg.seed, "train"), step: 0, banks, weights,
-                     unfreeze, steps_per_epoch })
+                     unfreeze, steps_per_epoch, log, submitted: Vec::new() })
     }
 
     /// Sets exactly the parameter groups that train in `stage` (in stage 3: the `active` tower's).
@@ -263,37 +268,75 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(Some((o.total, o.terms, o.enqueue)))
     }
 
-    /// One training step of `stage` on `users` (0-based) at global step `self.step` (not advanced here):
-    /// losses, backward, AdamW with the per-group `lrs`, then the memory-bank enqueue. A non-finite loss or
-    /// gradient skips the update and the enqueue (see `train::guard`). `None`: no user had a training pair.
-    pub fn train_step(&mut self, stage: usize, users: &[usize], lrs: &[f32]) -> Result<Option<StepResult>> {
+    /// One training step of `stage` on `users` (0-based) at global step `self.step` (not advanced here), on
+    /// the device and without reading anything back: losses, backward, the step-log row and its verdict, the
+    /// gated AdamW update with the per-group `lrs`, then the gated memory-bank enqueue (see
+    /// `train::step_log`: a non-finite loss or gradient makes the device skip the update and the enqueue).
+    /// `false`: no user had a training pair (nothing ran). [`Trainer::collect`] reads the results.
+    pub fn submit_step(&mut self, stage: usize, users: &[usize], lrs: &[f32]) -> Result<bool> {
         let backend = self.backend;
         let mut tape = Tape::new(backend, self.cfg.seed, self.step as u64);
-        let Some((loss, terms, enqueue)) = self.losses(&mut tape, stage, users)? else { return Ok(None) };
+        let Some((loss, terms, enqueue)) = self.losses(&mut tape, stage, users)? else { return Ok(false) };
         self.store.zero_grads(backend);
         tape.backward(loss, &mut self.store.grads);
-        // The loss terms and one pass over the gradients (the non-finite check and the clipping) come back
-        // together: one host read on the GPU.
+        // `vars()` starts with the total: the loss the verdict requires finite (a term with weight 0 may be
+        // computed and not used; only the total reaches the weights).
         let values: Vec<&B::Buf> = terms.vars().into_iter().map(|v| tape.value(v)).collect();
-        let read = guard::read_step(backend, &self.store, &values);
+        let row = self.log.step(backend, &mut self.store, &self.opt, lrs, self.cfg.train.clip_norm, &values, 0);
         drop(tape);
-        let (losses, sums) = (terms.values(&read.losses), read.grad_sums);
-        let skipped = |losses, what| Ok(Some(StepResult { losses, grad_norm: BTreeMap::new(), skipped: Some(what) }));
-        // Only the total reaches the weights (a term with weight 0 may be computed and not used); a bad total
-        // is attributed to the first bad term.
-        if !losses.total.is_finite() {
-            let what = guard::check_losses(&losses.terms()).expect("the total is non-finite");
-            return skipped(losses, what);
-        }
-        if let Some(what) = guard::first_non_finite(&self.store, &sums) {
-            return skipped(losses, what);
-        }
-        let reports = self.opt.step_with_sums(backend, &mut self.store, lrs, self.cfg.train.clip_norm, &sums);
-        let grad_norm = reports.iter().map(|r| (self.store.groups[r.group].name.clone(), r.grad_norm)).collect();
         if let (Some(banks), Some(e)) = (self.banks.as_mut(), enqueue) {
-            e.apply(backend, banks, self.step as u64);
+            e.apply(backend, banks, self.step as u64, self.log.gate(row));
         }
-        Ok(Some(StepResult { losses, grad_norm, skipped: None }))
+        self.submitted.push((self.step, terms));
+        Ok(true)
+    }
+
+    /// Steps submitted and not collected yet.
+    pub fn pending(&self) -> usize {
+        self.log.pending()
+    }
+
+    /// The step log cannot take another step before a [`Trainer::collect`].
+    pub fn log_full(&self) -> bool {
+        self.log.is_full()
+    }
+
+    /// Reads back every submitted step (one host synchronisation on the GPU), oldest first, as
+    /// `(global step, result)`; brings AdamW's host step counts and the memory banks' bookkeeping up to date.
+    pub fn collect(&mut self) -> Vec<(usize, StepResult)> {
+        let reads = self.log.read(self.backend, &mut self.opt);
+        let submitted = std::mem::take(&mut self.submitted);
+        assert_eq!(reads.len(), submitted.len(), "one step-log row per submitted step");
+        let refused: Vec<u64> = reads.iter().zip(&submitted).filter(|(r, _)| !r.ok).map(|(_, (s, _))| *s as u64).collect();
+        if let Some((t, v)) = self.banks.as_mut() {
+            t.settle(&refused);
+            v.settle(&refused);
+        }
+        reads.into_iter().zip(submitted).map(|(r, (step, terms))| {
+            let losses = terms.values(&r.losses);
+            let skipped = (!r.ok).then(|| {
+                // A bad total is attributed to the first bad term, else the first bad gradient.
+                guard::check_losses(&losses.terms()).filter(|_| !losses.total.is_finite())
+                    .or_else(|| r.first_bad_gradient(&self.store))
+                    .unwrap_or_else(|| NonFinite { source: "grad", tensor: "(unattributed)".into(), group: None, value: f64::NAN })
+            });
+            let grad_norm = if r.ok {
+                r.groups.iter().map(|&(g, norm, _)| (self.store.groups[g].name.clone(), norm)).collect()
+            } else {
+                BTreeMap::new()
+            };
+            (step, StepResult { losses, grad_norm, skipped })
+        }).collect()
+    }
+
+    /// [`Trainer::submit_step`] and its [`Trainer::collect`] at once (tests and benchmarks). `None`: no user
+    /// had a training pair.
+    pub fn train_step(&mut self, stage: usize, users: &[usize], lrs: &[f32]) -> Result<Option<StepResult>> {
+        assert_eq!(self.pending(), 0, "train_step with steps still to collect");
+        if !self.submit_step(stage, users, lrs)? {
+            return Ok(None);
+        }
+        Ok(self.collect().pop().map(|(_, r)| r))
     }
 
     /// A host copy of both memory banks (a checkpoint, or the banks that go with a selected model).
@@ -394,6 +437,8 @@ impl<B: Backend> Trainer<'_, B> {
     /// RNG, unfreezing position and the live memory banks; returns the banks saved with the stage's best.
     fn restore(&mut self, file: &ResumeFile, p: &Ur4RecProgress) -> Result<Option<(MemoryBank, MemoryBank)>> {
         file.restore_params(self.backend, &mut self.store, &mut self.opt)?;
+        // AdamW's step counts on the device come from the restored ones.
+        self.log = StepLog::new(self.backend, &self.store, &self.opt, self.cfg.train.readback_interval());
         self.rng = p.rng.clone();
         if p.unfreeze.events != self.unfreeze.events {
             bail!("{}: the recorded unfreezing schedule differs from the configuration's", file.path.display());
@@ -415,6 +460,51 @@ impl<B: Backend> Trainer<'_, B> {
         self.set_banks(live);
         read(&p.best_banks, "best_bank", false)
     }
+}
+
+/// What the loop knew of a submitted step; the rest comes back from the step log.
+struct StepContext {
+    epoch: usize,
+    stage_step: usize,
+    lrs: Vec<f32>,
+    active: Module,
+}
+
+/// Reads the submitted steps back ([`Trainer::collect`]) and does, in step order, what needs their numbers:
+/// the guard (a skipped step's report; too many in a row stop the run), the adaptive alternation's record,
+/// the step records of `metrics.jsonl` and the epoch's loss.
+#[allow(clippy::too_many_arguments)]
+fn absorb<B: Backend>(tr: &mut Trainer<'_, B>, waiting: &mut Vec<StepContext>, p: &mut Ur4RecProgress, guard: &mut StepGuard,
+                      run: &mut RunDir, bar: &indicatif::ProgressBar, cfg: &Config, stage: usize) -> Result<()> {
+    let results = tr.collect();
+    assert_eq!(results.len(), waiting.len(), "one result per submitted step");
+    for ((step, r), c) in results.into_iter().zip(waiting.drain(..)) {
+        let StepResult { losses: l, grad_norm, skipped } = r;
+        if let Some(what) = &skipped {
+            // The batch is consumed and the schedule moves on; the update, the enqueue and the alternation's
+            // loss record are dropped.
+            guard.bad(run, Some(stage), c.epoch, step, what)?;
+            continue;
+        }
+        guard.good();
+        if stage == 3 {
+            if let Some(ev) = p.alternation.record(c.stage_step, l.sasrec, l.retrieval) {
+                p.switches += 1;
+                run.log(&serde_json::json!({"kind": "switch", "stage": stage, "step": step, "stage_step": c.stage_step,
+                                            "from": ev.from.name(), "to": ev.to.name(), "change": ev.change}))?;
+            }
+        }
+        if cfg.train.log_every > 0 && step % cfg.train.log_every == 0 {
+            let lr = tr.store.groups.iter().zip(&c.lrs).map(|(g, &l)| (g.name.clone(), l)).collect();
+            let w = tr.weights.at(step);
+            run.log(&StepRecord { kind: "step", stage, epoch: c.epoch, step, stage_step: c.stage_step, losses: &l, weights: &w, lr,
+                                  active: if stage == 3 { c.active.name() } else { "all" }, grad_norm })?;
+        }
+        p.loss_sum += l.total as f64;
+        p.loss_n += 1;
+    }
+    bar.set_message(format!("stage {stage} epoch {} loss {:.4}", p.epoch, p.loss_sum / p.loss_n.max(1) as f64));
+    Ok(())
 }
 
 /// Trains the four UR4Rec stages and evaluates on the test split. Writes a resume checkpoint
@@ -457,6 +547,7 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     bar.set_position(p.step as u64);
     let sweep: &[f32] = if u.calibrate_fusion { &ALPHA_GRID } else { &[] };
+    let mut waiting: Vec<StepContext> = Vec::new();
     while p.stage <= 4 {
         let stage = p.stage;
         let epochs = u.stage_epochs[stage - 1];
@@ -517,39 +608,27 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                     }
                 }
                 let lrs = tr.group_lrs(stage, stage_step, stage_steps);
-                let Some(StepResult { losses: l, grad_norm, skipped }) = tr.train_step(stage, chunk, &lrs)? else { continue };
-                if let Some(what) = &skipped {
-                    // The batch is consumed and the schedule moves on; the update, the enqueue and the
-                    // alternation's loss record are dropped.
-                    guard.bad(rs.run, Some(stage), epoch, tr.step, what).inspect_err(|_| bar.finish_and_clear())?;
-                } else {
-                    guard.good();
-                    if stage == 3 {
-                        if let Some(ev) = p.alternation.record(stage_step, l.sasrec, l.retrieval) {
-                            p.switches += 1;
-                            rs.run.log(&serde_json::json!({"kind": "switch", "stage": stage, "step": tr.step, "stage_step": stage_step,
-                                                           "from": ev.from.name(), "to": ev.to.name(), "change": ev.change}))?;
-                        }
-                    }
-                    if cfg.train.log_every > 0 && tr.step % cfg.train.log_every == 0 {
-                        let lr = tr.store.groups.iter().zip(&lrs).map(|(g, &l)| (g.name.clone(), l)).collect();
-                        let w = tr.weights.at(tr.step);
-                        rs.run.log(&StepRecord { kind: "step", stage, epoch, step: tr.step, stage_step, losses: &l, weights: &w, lr,
-                                                 active: if stage == 3 { active.name() } else { "all" }, grad_norm })?;
-                    }
-                    p.loss_sum += l.total as f64;
-                    p.loss_n += 1;
-                    bar.set_message(format!("stage {stage} epoch {epoch} loss {:.4}", p.loss_sum / p.loss_n as f64));
+                if !tr.submit_step(stage, chunk, &lrs)? {
+                    continue;
                 }
+                waiting.push(StepContext { epoch, stage_step, lrs, active });
                 tr.step += 1;
                 p.step = tr.step;
                 p.stage_step += 1;
                 bar.inc(1);
-                if rs.due_after_step(p.step) {
+                // The step log is read when it is full, before a checkpoint, and after every step while the
+                // adaptive alternation needs each step's losses to pick the next step's tower.
+                let checkpoint = rs.due_after_step(p.step);
+                if tr.log_full() || checkpoint || (stage == 3 && p.alternation.reads_losses()) {
+                    absorb(&mut tr, &mut waiting, &mut p, &mut guard, rs.run, &bar, cfg, stage)
+                        .inspect_err(|_| bar.finish_and_clear())?;
+                }
+                if checkpoint {
                     save_resume(&mut rs, &tr, &order, &best_banks, &mut p, &guard, &stage_clock, &wall)?;
                     rs.stop_if_asked(p.step, true).inspect_err(|_| bar.finish_and_clear())?;
                 }
             }
+            absorb(&mut tr, &mut waiting, &mut p, &mut guard, rs.run, &bar, cfg, stage).inspect_err(|_| bar.finish_and_clear())?;
             let e = evaluate_ur4rec(backend, &tr.model, &tr.store, &data.split, &data.eval_negatives, EvalTarget::Valid, &cfg.eval, p.alpha, sweep, None)?;
             let sel = selection(cfg, stage, &e);
             let train_loss = p.loss_sum / p.loss_n.max(1) as f64;

@@ -10,7 +10,7 @@
 //! shapes the same way), so a driver error after a successful start panics with the kernel's name.
 use super::kernels::{self, KernelError};
 use super::{probe, CudaUnavailable, GpuInfo};
-use crate::backend::{AdamWStep, Backend, DropoutKey, SeqLayout, Stored};
+use crate::backend::{AdamWGate, AdamWHyper, Backend, DropoutKey, SeqLayout, Stored, VerdictLayout};
 use crate::rng::counter_base;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -303,6 +303,7 @@ impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
     type Idx = CudaSlice<u32>;
     type Half = CudaSlice<u16>;
+    type Wide = CudaSlice<f64>;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.info.ordinal, self.info.name)
@@ -338,6 +339,18 @@ impl Backend for CudaBackend {
             return Vec::new();
         }
         check(self.stream.clone_dtoh(x), "idx_to_host")
+    }
+    fn wide_zeros(&self, n: usize) -> CudaSlice<f64> {
+        check(self.stream.alloc_zeros::<f64>(n.max(1)), "wide_zeros")
+    }
+    fn wide_from_host(&self, x: &[f64]) -> CudaSlice<f64> {
+        if x.is_empty() {
+            return self.wide_zeros(1);
+        }
+        check(self.stream.clone_htod(x), "wide_from_host")
+    }
+    fn wide_to_host(&self, x: &CudaSlice<f64>) -> Vec<f64> {
+        check(self.stream.clone_dtoh(x), "wide_to_host")
     }
     fn half_from_host(&self, bits: &[u16]) -> CudaSlice<u16> {
         if bits.is_empty() {
@@ -430,19 +443,24 @@ impl Backend for CudaBackend {
             launch!(self, &format!("round_to_{}_f32", format.name()), cfg_elems(n); x, &n64);
         }
     }
-    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut CudaSlice<u32>, keys: &CudaSlice<f32>,
-                    users: &CudaSlice<u32>, dim: usize, ptr: usize) {
+    fn ring_enqueue(&self, bank: &mut Stored<Self>, bank_users: &mut CudaSlice<u32>, ptr: &mut CudaSlice<u32>,
+                    keys: &CudaSlice<f32>, users: &CudaSlice<u32>, dim: usize, gate: (&CudaSlice<f64>, usize)) {
         let (b, nslots) = (users.len(), bank_users.len());
         assert_eq!(keys.len(), b * dim, "ring_enqueue: keys are [{b}, {dim}]");
-        assert!(ptr < nslots.max(1), "ring_enqueue: pointer {ptr} outside a bank of {nslots} slots");
+        assert_eq!(ptr.len(), 1, "ring_enqueue: the pointer is one index");
+        assert!(gate.1 < gate.0.len(), "ring_enqueue: gate slot {} outside the log", gate.1);
         if b == 0 || nslots == 0 {
             return;
         }
-        let (b32, d32, k32, p32) = (u32_of(b, "batch"), u32_of(dim, "dim"), u32_of(nslots, "bank slots"), ptr as u32);
+        let (b32, d32, k32) = (u32_of(b, "batch"), u32_of(dim, "dim"), u32_of(nslots, "bank slots"));
         let cfg = cfg_elems(b.min(nslots) * dim);
+        let gate = gate.0.slice(gate.1..gate.1 + 1);
         with_stored!(bank, |x, suffix| {
-            launch!(self, &format!("ring_enqueue_{suffix}"), cfg; x, bank_users, keys, users, &b32, &d32, &k32, &p32)
+            launch!(self, &format!("ring_enqueue_{suffix}"), cfg; x, bank_users, &*ptr, keys, users, &b32, &d32, &k32, &gate)
         });
+        // The pointer moves in its own launch, after every thread of the enqueue has read it.
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "ring_advance_u32", one; ptr, &b32, &k32, &gate);
     }
 
     fn sum_squares(&self, x: &CudaSlice<f32>, offset: usize, len: usize) -> f64 {
@@ -463,20 +481,18 @@ impl Backend for CudaBackend {
         check(self.stream.clone_dtoh(&out), "sum_squares readback")[0]
     }
 
-    fn sum_squares_many(&self, x: &CudaSlice<f32>, ranges: &[(usize, usize)]) -> Vec<f64> {
-        self.sum_squares_and_scalars(x, ranges, &[]).0
-    }
-
-    fn sum_squares_and_scalars(&self, x: &CudaSlice<f32>, ranges: &[(usize, usize)], scalars: &[&CudaSlice<f32>])
-        -> (Vec<f64>, Vec<f32>) {
+    fn record_step(&self, log: &mut CudaSlice<f64>, at: usize, x: &CudaSlice<f32>, ranges: &[(usize, usize)],
+                   scalars: &[&CudaSlice<f32>]) {
         // The same two kernels as `sum_squares` per range (so the same bits), each finishing into its own
-        // slot of one device array; the stream orders the launches, so one partials buffer serves all. The
-        // scalars are widened into the slots after them, so a single readback returns everything.
-        let mut out = self.alloc_f64(ranges.len() + scalars.len());
+        // slot of the row; the stream orders the launches, so one partials buffer serves all. The scalars are
+        // widened into the slots after them. Nothing is read back here.
+        assert!(at + ranges.len() + scalars.len() <= log.len(), "record_step: the row does not fit the log");
         let mut partials = self.alloc_f64(REDUCE_GRID);
         for (i, &(offset, len)) in ranges.iter().enumerate() {
-            assert!(offset + len <= x.len(), "sum_squares_many: range {i} out of bounds");
+            assert!(offset + len <= x.len(), "record_step: range {i} out of bounds");
+            let mut slot = log.slice_mut(at + i..at + i + 1);
             if len == 0 {
+                check(self.stream.memset_zeros(&mut slot), "record_step: empty range");
                 continue;
             }
             let view = x.slice(offset..offset + len);
@@ -485,28 +501,42 @@ impl Backend for CudaBackend {
             let cfg = LaunchConfig { grid_dim: (g as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "sum_partials_f32", cfg; &mut partials, &view, &n64, &mode);
             let np = g as u32;
-            let mut slot = out.slice_mut(i..i + 1);
             let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "reduce_finish_f64", cfg1; &mut slot, &partials, &np);
         }
         for (i, s) in scalars.iter().enumerate() {
-            assert!(!s.is_empty(), "sum_squares_and_scalars: scalar {i} is empty");
-            let at = ranges.len() + i;
-            let mut slot = out.slice_mut(at..at + 1);
+            assert!(!s.is_empty(), "record_step: scalar {i} is empty");
+            let to = at + ranges.len() + i;
+            let mut slot = log.slice_mut(to..to + 1);
             let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "widen_scalar_f32", cfg1; &mut slot, *s);
         }
-        let host = check(self.stream.clone_dtoh(&out), "sum_squares_and_scalars readback");
-        let (sums, tail) = host.split_at(ranges.len());
-        // f32 → f64 → f32 is exact.
-        (sums.to_vec(), tail.iter().take(scalars.len()).map(|&v| v as f32).collect())
+    }
+
+    fn step_verdict(&self, log: &mut CudaSlice<f64>, at: usize, l: &VerdictLayout, groups: &CudaSlice<u32>, clip: f32) {
+        assert_eq!(groups.len(), l.sums, "step_verdict: one group per sum");
+        let end = [l.sums, l.checked_at + 1, l.ok_at + 1, l.scales_at + l.groups].into_iter().max().unwrap_or(0);
+        assert!(at + end <= log.len(), "step_verdict: the row does not fit the log");
+        let mut row = log.slice_mut(at..);
+        let (sums, checked, ok, scales, ngroups) = (l.sums as u32, l.checked_at as u32, l.ok_at as u32, l.scales_at as u32,
+                                                    l.groups as u32);
+        let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        if groups.is_empty() {
+            // A null pointer for an empty list (the kernel reads no group).
+            let none = self.idx_from_host(&[0]);
+            launch!(self, "step_verdict_f64", cfg1; &mut row, &none, &sums, &checked, &ok, &scales, &ngroups, &clip);
+        } else {
+            launch!(self, "step_verdict_f64", cfg1; &mut row, groups, &sums, &checked, &ok, &scales, &ngroups, &clip);
+        }
     }
 
     fn adamw(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
-             offset: usize, len: usize, hp: &AdamWStep) {
+             offset: usize, len: usize, hp: &AdamWHyper, gate: &AdamWGate<Self>) {
         if len == 0 {
             return;
         }
+        assert!(gate.ok_at < gate.log.len() && gate.scale_at < gate.log.len(), "adamw: gate slots outside the log");
+        assert!(gate.param < gate.counts.len(), "adamw: parameter {} has no step count", gate.param);
         let r = offset..offset + len;
         let mut pv = p.slice_mut(r.clone());
         let gv = g.slice(r.clone());
@@ -514,8 +544,18 @@ impl Backend for CudaBackend {
         let mut vv = v.slice_mut(r);
         let n64 = len as u64;
         let decay = 1.0 - hp.lr * hp.weight_decay;
+        let (ok_at, scale_at, param) = (gate.ok_at as u32, gate.scale_at as u32, gate.param as u32);
         launch!(self, "adamw_f32", cfg_elems(len); &mut pv, &gv, &mut mv, &mut vv, &n64, &hp.lr, &hp.beta1,
-                &hp.beta2, &hp.eps, &decay, &hp.grad_scale, &hp.bias_correction1, &hp.bias_correction2);
+                &hp.beta2, &hp.eps, &decay, gate.log, &ok_at, &scale_at, gate.counts, &param);
+    }
+
+    fn advance_steps(&self, counts: &mut CudaSlice<u32>, params: &CudaSlice<u32>, log: &CudaSlice<f64>, ok_at: usize) {
+        if params.is_empty() {
+            return;
+        }
+        assert!(ok_at < log.len(), "advance_steps: verdict slot outside the log");
+        let (n, ok) = (params.len() as u32, ok_at as u32);
+        launch!(self, "advance_steps_u32", cfg_elems(params.len()); counts, params, &n, log, &ok);
     }
 
     // ---- dense linear algebra --------------------------------------------------------------------

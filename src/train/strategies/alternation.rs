@@ -270,6 +270,12 @@ impl Alternation {
         }
     }
 
+    /// The next step's tower depends on this step's losses: the trainer must read each step's losses back
+    /// before the next (the adaptive rule); the parity rule needs nothing from the device.
+    pub fn reads_losses(&self) -> bool {
+        matches!(self, Alternation::Adaptive(_))
+    }
+
     /// Records the losses of `step`; the parity rule never reports switches (it alternates every step).
     pub fn record(
         &mut self,

@@ -1,0 +1,181 @@
+//! The device-side step log: what lets a training step run without the host reading anything back.
+//!
+//! A step needs three facts from its own gradients before the optimizer may run: whether its loss and
+//! gradients are finite (the guard, mission.md §9), each group's gradient norm (clipping), and — for the
+//! log — its loss terms. Reading them back every step was one host synchronisation per step on the GPU.
+//! Instead, each step appends a row to this log *on the device*:
+//! ```text
+//! [ Σg² of each stepped parameter | loss values | verdict (1 = update, 0 = skip) | clip scale per group ]
+//! ```
+//! `Backend::record_step` writes the sums and losses, `Backend::step_verdict` decides from them, and
+//! everything that mutates training state reads the verdict where it lies: the gated `Backend::adamw`
+//! (which also takes the clip scale and the parameter's step count from the device), `Backend::advance_steps`
+//! (AdamW's per-parameter step counts live on the device too) and the memory bank's `Backend::ring_enqueue`.
+//! A refused step therefore changes nothing, exactly as when the host checked it first.
+//!
+//! The host reads the whole log once per logging interval ([`StepLog::read`]: one synchronisation) and then
+//! does what needs the numbers: the guard's report of a skipped step (with its step number and tensor), the
+//! step records of `metrics.jsonl`, the epoch's mean loss, and AdamW's host copy of the step counts (for
+//! checkpoints). The device computes the same whatever the interval, so a run with `train.log_every = 50`
+//! gives the same weights, bit for bit, as one reading every step (`tests/reliability.rs`).
+use crate::backend::{AdamWGate, AdamWHyper, Backend, VerdictLayout};
+use crate::params::ParamStore;
+use crate::train::guard::NonFinite;
+use crate::train::optim::AdamW;
+
+/// The most loss values a row holds (UR4Rec's total and six terms).
+pub const MAX_LOSSES: usize = 7;
+
+/// Steps applied on the device and not yet read back.
+pub struct StepLog<B: Backend> {
+    /// `capacity` rows of `width` f64.
+    rows: B::Wide,
+    capacity: usize,
+    width: usize,
+    groups: usize,
+    /// AdamW's step count of every parameter (the device copy; `AdamW::steps` is the host's, brought up to
+    /// date by [`StepLog::read`]).
+    counts: B::Idx,
+    /// The stepped parameters of the last step, and their groups and ids on the device (reused while the
+    /// trainable set does not change, so a step uploads nothing for them).
+    stepped: Option<(Vec<usize>, B::Idx, B::Idx)>,
+    pending: Vec<Pending>,
+}
+
+/// What the host remembers of a step until its row is read.
+struct Pending {
+    /// The parameters that stepped (trainable), in storage order: row slot `j` is `params[j]`'s sum.
+    params: Vec<usize>,
+    /// The group of each of `params`.
+    groups: Vec<usize>,
+    losses: usize,
+}
+
+/// One step as read back from the log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRead {
+    /// The loss values, in the order they were given to [`StepLog::step`].
+    pub losses: Vec<f32>,
+    /// The parameters that stepped, in storage order, and their gradient sums of squares.
+    pub params: Vec<usize>,
+    pub sums: Vec<f64>,
+    /// The verdict: the update (and the memory-bank enqueue) happened.
+    pub ok: bool,
+    /// `(group, gradient norm before clipping, clip scale)` of each group with a stepped parameter.
+    pub groups: Vec<(usize, f64, f32)>,
+}
+
+impl StepRead {
+    /// The first stepped parameter, in storage order, whose gradient holds a NaN or an Inf.
+    pub fn first_bad_gradient<B: Backend>(&self, store: &ParamStore<B>) -> Option<NonFinite> {
+        self.params.iter().zip(&self.sums).find(|(_, s)| !s.is_finite()).map(|(&p, &s)| {
+            let info = &store.infos[p];
+            NonFinite { source: "grad", tensor: info.name.clone(), group: Some(store.groups[info.group].name.clone()), value: s }
+        })
+    }
+}
+
+impl<B: Backend> StepLog<B> {
+    /// A log of `capacity` rows (at least 1) for `store`'s parameters, with AdamW's step counts as `opt` has
+    /// them (a fresh optimizer, or one restored from a checkpoint).
+    pub fn new(backend: &B, store: &ParamStore<B>, opt: &AdamW, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let groups = store.groups.len();
+        let width = store.infos.len() + MAX_LOSSES + 1 + groups;
+        let counts: Vec<u32> = opt.steps.iter()
+            .map(|&s| u32::try_from(s).expect("an AdamW step count beyond 2^32 steps"))
+            .collect();
+        StepLog { rows: backend.wide_zeros(capacity * width), capacity, width, groups, counts: backend.idx_from_host(&counts),
+                  stepped: None, pending: Vec::new() }
+    }
+
+    /// Steps applied and not read yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// No room for another step: [`StepLog::read`] first.
+    pub fn is_full(&self) -> bool {
+        self.pending.len() == self.capacity
+    }
+
+    /// The step after its backward, on the device: records the gradient sums of the trainable parameters and
+    /// `losses` (1-element buffers), decides (`losses[checked]` and every sum finite), and runs the gated
+    /// AdamW update of every trainable parameter (group `g` at `lrs[g]`, clipped to `clip` per group) and
+    /// the step counts' advance. Returns the row, for [`StepLog::gate`]. Reads nothing back.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(&mut self, backend: &B, store: &mut ParamStore<B>, opt: &AdamW, lrs: &[f32], clip: f32,
+                losses: &[&B::Buf], checked: usize) -> usize {
+        assert!(!self.is_full(), "step log full: read it before the next step");
+        assert_eq!(lrs.len(), self.groups, "one learning rate per parameter group");
+        assert!(losses.len() <= MAX_LOSSES && checked < losses.len(), "step log: {} losses, checked {checked}", losses.len());
+        let row = self.pending.len();
+        let at = row * self.width;
+        let params: Vec<usize> = (0..store.infos.len()).filter(|&i| store.infos[i].trainable).collect();
+        if self.stepped.as_ref().is_none_or(|(p, _, _)| *p != params) {
+            let groups: Vec<u32> = params.iter().map(|&i| store.infos[i].group as u32).collect();
+            let ids: Vec<u32> = params.iter().map(|&i| i as u32).collect();
+            self.stepped = Some((params.clone(), backend.idx_from_host(&groups), backend.idx_from_host(&ids)));
+        }
+        let (_, groups_dev, ids_dev) = self.stepped.as_ref().expect("set above");
+        let ranges: Vec<(usize, usize)> = params.iter().map(|&i| (store.infos[i].offset, store.infos[i].len)).collect();
+        backend.record_step(&mut self.rows, at, &store.grads, &ranges, losses);
+        let n = params.len();
+        let layout = VerdictLayout { sums: n, checked_at: n + checked, ok_at: n + losses.len(),
+                                     scales_at: n + losses.len() + 1, groups: self.groups };
+        backend.step_verdict(&mut self.rows, at, &layout, groups_dev, clip);
+        for &i in &params {
+            let p = &store.infos[i];
+            let hp = AdamWHyper { lr: lrs[p.group], beta1: opt.beta1, beta2: opt.beta2, eps: opt.eps,
+                                  weight_decay: if p.decay { opt.weight_decay } else { 0.0 } };
+            let gate = AdamWGate { log: &self.rows, ok_at: at + layout.ok_at, scale_at: at + layout.scales_at + p.group,
+                                   counts: &self.counts, param: i };
+            backend.adamw(&mut store.values, &store.grads, &mut store.m, &mut store.v, p.offset, p.len, &hp, &gate);
+        }
+        backend.advance_steps(&mut self.counts, ids_dev, &self.rows, at + layout.ok_at);
+        let groups = params.iter().map(|&i| store.infos[i].group).collect();
+        self.pending.push(Pending { params, groups, losses: losses.len() });
+        row
+    }
+
+    /// Where the verdict of the step in `row` lies (for `Backend::ring_enqueue`).
+    pub fn gate(&self, row: usize) -> (&B::Wide, usize) {
+        let p = &self.pending[row];
+        (&self.rows, row * self.width + p.params.len() + p.losses)
+    }
+
+    /// Reads every pending step back (one host synchronisation on the GPU), oldest first, and brings AdamW's
+    /// host step counts up to date. The log is empty afterwards.
+    pub fn read(&mut self, backend: &B, opt: &mut AdamW) -> Vec<StepRead> {
+        if self.pending.is_empty() {
+            return Vec::new();
+        }
+        let host = backend.wide_to_host(&self.rows);
+        let mut out = Vec::with_capacity(self.pending.len());
+        for (row, p) in self.pending.drain(..).enumerate() {
+            let r = &host[row * self.width..(row + 1) * self.width];
+            let n = p.params.len();
+            let sums = r[..n].to_vec();
+            let losses = r[n..n + p.losses].iter().map(|&v| v as f32).collect();
+            let ok = r[n + p.losses] != 0.0;
+            let scales = &r[n + p.losses + 1..];
+            // Each group's norm as the verdict computed it: its sums added in row (storage) order.
+            let groups = (0..self.groups).filter(|&g| p.groups.contains(&g)).map(|g| {
+                let norm = p.groups.iter().zip(&sums).filter(|(&pg, _)| pg == g).map(|(_, &s)| s).sum::<f64>().sqrt();
+                (g, norm, scales[g] as f32)
+            }).collect();
+            if ok {
+                for &i in &p.params {
+                    opt.steps[i] += 1;
+                }
+            }
+            out.push(StepRead { losses, params: p.params, sums, ok, groups });
+        }
+        out
+    }
+
+    /// AdamW's step counts as the device has them (tests: they must equal `AdamW::steps` after a read).
+    pub fn counts_on_device(&self, backend: &B) -> Vec<u32> {
+        backend.idx_to_host(&self.counts)
+    }
+}
