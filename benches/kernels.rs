@@ -16,7 +16,7 @@
 //! Run: `cargo bench --bench kernels`.
 use std::time::Instant;
 use ur4rec_engine::backend::cuda::CudaBackend;
-use ur4rec_engine::backend::{AdamWGate, AdamWHyper, Backend, CpuBackend, SeqLayout, StoreFormat, Stored};
+use ur4rec_engine::backend::{AdamWGate, AdamWHyper, Backend, Segment, Segments, CpuBackend, SeqLayout, StoreFormat, Stored};
 use ur4rec_engine::rng::Rng;
 
 #[global_allocator]
@@ -196,11 +196,12 @@ fn bench_all<B: Timed>(b: &B, ceil: (f64, f64), cpu: bool) {
         let mut p = b.from_host(&rand(&mut rng, n));
         let g = b.from_host(&rand(&mut rng, n));
         let (mut m, mut v) = (b.zeros(n), b.zeros(n));
-        let hp = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-        // An accepted step (verdict 1, clip scale 1) at step count 1, as the step log gates it in training.
-        let (log, counts) = (b.wide_from_host(&[1.0, 1.0]), b.idx_from_host(&[0]));
-        let gate = AdamWGate { log: &log, ok_at: 0, scale_at: 1, counts: &counts, param: 0 };
-        let secs = b.median_secs(&mut || b.adamw(&mut p, &g, &mut m, &mut v, 0, n, &hp, &gate));
+        let hp = AdamWHyper { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+        // One segment of 2M, as an accepted step (verdict 1, clip scale 1) at step count 1 gates it.
+        let segs = Segments::new(b, vec![Segment { offset: 0, len: n, group: 0, param: 0, weight_decay: 0.01 }]);
+        let (log, counts, lrs) = (b.wide_from_host(&[1.0, 1.0]), b.idx_from_host(&[0]), b.from_host(&[1e-3]));
+        let gate = AdamWGate { log: &log, ok_at: 0, scales_at: 1, counts: &counts };
+        let secs = b.median_secs(&mut || b.adamw(&mut p, &g, &mut m, &mut v, &segs, &hp, &lrs, &gate));
         // p, m, v read and written, g read; ~15 FLOP per element (not the binding term).
         row(be, "adamw", "2,000,000 params", secs, f4 * 7.0 * n as f64, 15.0 * n as f64, ceil);
     }

@@ -1,5 +1,5 @@
-// Fused AdamW over one parameter range (the launcher offsets p, g, m, v to the range start), gated by the
-// step's verdict in the device-side step log (train::step_log), so the host never reads a step's gradients
+// Fused AdamW over the flat buffers (every trainable parameter's range in one launch), gated by the step's
+// verdict in the device-side step log (train::step_log), so the host never reads a step's gradients
 // before its update. CPU twin: `adamw` in src/backend/cpu.rs; the arithmetic is written in the same order so
 // results agree to rounding. Decoupled weight decay: p ← p·(1 − lr·wd) − lr·m̂ / (√v̂ + eps); the gradient is
 // first multiplied by the clip scale the verdict wrote (gradient-norm clipping), so clipping never needs
@@ -18,36 +18,45 @@ __device__ float bias_correction(float beta, unsigned long long t) {
     return (float)__dsub_rn(1.0, r);
 }
 
-// row: the step's log row; ok_at: its verdict (0 = skip); scale_at: this parameter's group clip scale;
-// counts[param]: the parameter's AdamW steps so far (this update is step counts[param] + 1).
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, unsigned long long n,
-                                     float lr, float beta1, float beta2, float eps, float decay,
-                                     const double* row, unsigned int ok_at, unsigned int scale_at,
-                                     const unsigned int* counts, unsigned int param) {
+// Every segment of the flat buffers in one launch (one block per (segment, block of the segment)): segment s
+// at lrs[s.group], its group's clip scale row[scales_at + s.group], its step count counts[s.param] + 1.
+// row[ok_at] is the step's verdict: 0 skips the update.
+extern "C" __global__ void adamw_segments_f32(float* p, const float* g, float* m, float* v, const unsigned int* segs,
+                                              unsigned int nsegs, const float* lrs, float beta1, float beta2, float eps,
+                                              const double* row, unsigned int ok_at, unsigned int scales_at,
+                                              const unsigned int* counts) {
     if (row[ok_at] == 0.0) return;
-    const float grad_scale = (float)row[scale_at];
-    const unsigned long long t = (unsigned long long)counts[param] + 1ull;
+    const Seg sg = segment_of_block(segs, nsegs, blockIdx.x);
+    const float grad_scale = (float)row[scales_at + sg.group];
+    const unsigned long long t = (unsigned long long)counts[sg.param] + 1ull;
     const float bc1 = bias_correction(beta1, t), bc2 = bias_correction(beta2, t);
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        float gi = g[i] * grad_scale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
+    const float lr = lrs[sg.group];
+    // 1 − lr·wd rounded as the host rounds it (no FMA).
+    const float decay = __fsub_rn(1.0f, __fmul_rn(lr, sg.weight_decay));
+    float* ps = p + sg.offset;
+    const float* gs = g + sg.offset;
+    float* ms = m + sg.offset;
+    float* vs = v + sg.offset;
+    for (unsigned long long i = (unsigned long long)sg.block * blockDim.x + threadIdx.x; i < sg.len;
+         i += (unsigned long long)sg.blocks * blockDim.x) {
+        float gi = gs[i] * grad_scale;
+        float mi = beta1 * ms[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * vs[i] + (1.0f - beta2) * gi * gi;
+        ms[i] = mi;
+        vs[i] = vi;
         float mhat = mi / bc1;
         float vhat = vi / bc2;
-        p[i] = p[i] * decay - lr * mhat / (sqrtf(vhat) + eps);
+        ps[i] = ps[i] * decay - lr * mhat / (sqrtf(vhat) + eps);
     }
 }
 
-// counts[params[j]] += 1 for each of the n stepped parameters (distinct), if the step's verdict allowed
-// the update. Runs after the step's adamw_f32 launches (stream order), which read the counts before it.
-extern "C" __global__ void advance_steps_u32(unsigned int* counts, const unsigned int* params, unsigned int n,
-                                         const double* row, unsigned int ok_at) {
+// counts[s.param] += 1 for each segment s (distinct parameters), if the step's verdict allowed the update.
+// Runs after adamw_segments_f32 (stream order), which read the counts before it.
+extern "C" __global__ void advance_steps_u32(unsigned int* counts, const unsigned int* segs, unsigned int nsegs,
+                                             const double* row, unsigned int ok_at) {
     if (row[ok_at] == 0.0) return;
-    for (unsigned int j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
-        counts[params[j]] += 1u;
+    for (unsigned int s = blockIdx.x * blockDim.x + threadIdx.x; s < nsegs; s += gridDim.x * blockDim.x) {
+        counts[segs[s * SEG_WORDS + 4]] += 1u;
     }
 }
 

@@ -23,6 +23,35 @@
     for (unsigned long long row = (unsigned long long)blockIdx.x * wpb + (threadIdx.x >> 5); row < (rows); \
          row += (unsigned long long)gridDim.x * wpb)
 
+// A segment table (src/backend/segments.rs): per segment, SEG_WORDS u32s — offset low, offset high, length,
+// group, parameter, weight decay (f32 bits), first block, blocks. A segmented launch has one block per
+// (segment, block of the segment), segments in table order.
+#define SEG_WORDS 8
+struct Seg {
+    unsigned long long offset;
+    unsigned int len, group, param;
+    float weight_decay;
+    unsigned int block;   // this block's index within its segment
+    unsigned int blocks;  // the segment's blocks
+    unsigned int index;   // the segment's index
+};
+// The segment of block `blk` (a linear scan: a model has a few dozen parameter tensors).
+__device__ __forceinline__ Seg segment_of_block(const unsigned int* segs, unsigned int nsegs, unsigned int blk) {
+    unsigned int s = 0;
+    while (s + 1 < nsegs && segs[(s + 1) * SEG_WORDS + 6] <= blk) s++;
+    const unsigned int* w = segs + s * SEG_WORDS;
+    Seg r;
+    r.offset = (unsigned long long)w[0] | ((unsigned long long)w[1] << 32);
+    r.len = w[2];
+    r.group = w[3];
+    r.param = w[4];
+    r.weight_decay = __uint_as_float(w[5]);
+    r.block = blk - w[6];
+    r.blocks = w[7];
+    r.index = s;
+    return r;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -10,10 +10,39 @@ extern "C" __global__ void sum_partials_f32(double* partials, const float* x, un
     for (unsigned long long i = (unsigned long long)blockIdx.x * BLOCK + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * BLOCK) {
         double v = (double)x[i];
-        acc += mode == 1 ? v * v : v;
+        // Rounded products and sums (no FMA contraction): the segmented twin below gives the same bits.
+        acc = __dadd_rn(acc, mode == 1 ? __dmul_rn(v, v) : v);
     }
     double s = block_sum_d(acc);
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// sum_partials_f32 (mode 1) of every segment of a table in one launch (Backend::record_step): block b of a
+// segment of n elements does exactly what block b of sum_partials_f32's fixed grid (the same block count)
+// does on that range, so each segment's partials — and, after finish_segments_f64, its sum — have
+// sum_squares's bits. Partials are indexed by the launch's block.
+extern "C" __global__ void sum_squares_segments_f64(double* partials, const float* x, const unsigned int* segs,
+                                                    unsigned int nsegs) {
+    const Seg sg = segment_of_block(segs, nsegs, blockIdx.x);
+    const float* xs = x + sg.offset;
+    double acc = 0.0;
+    for (unsigned long long i = (unsigned long long)sg.block * BLOCK + threadIdx.x; i < sg.len;
+         i += (unsigned long long)sg.blocks * BLOCK) {
+        double v = (double)xs[i];
+        acc = __dadd_rn(acc, __dmul_rn(v, v));
+    }
+    double s = block_sum_d(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// out[s] = Σ of segment s's partials, one block per segment, in reduce_finish_f64's order.
+extern "C" __global__ void finish_segments_f64(double* out, const double* partials, const unsigned int* segs) {
+    const unsigned int* w = segs + blockIdx.x * SEG_WORDS;
+    const unsigned int first = w[6], nparts = w[7];
+    double acc = 0.0;
+    for (unsigned int i = threadIdx.x; i < nparts; i += BLOCK) acc += partials[first + i];
+    double s = block_sum_d(acc);
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 
 // out[0] = (f32)(Σ partials / divisor). divisor is the element count for means, 1 for sums.

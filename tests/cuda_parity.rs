@@ -13,7 +13,7 @@
 //! Without a GPU every test prints "skipped: no GPU (<reason>)" and returns.
 mod fixtures;
 use ur4rec_engine::backend::cuda::CudaBackend;
-use ur4rec_engine::backend::{AdamWGate, AdamWHyper, Backend, VerdictLayout, CpuBackend, DropoutKey, SeqLayout, StoreFormat, Stored};
+use ur4rec_engine::backend::{AdamWGate, AdamWHyper, Backend, Segment, Segments, VerdictLayout, CpuBackend, DropoutKey, SeqLayout, StoreFormat, Stored};
 use ur4rec_engine::rng::Rng;
 
 const EXACT: f64 = 0.0;
@@ -58,12 +58,13 @@ fn out<B: Backend>(b: &B, o: &mut Outputs, name: impl Into<String>, x: &B::Buf, 
     o.push((name.into(), b.to_host(x), tol));
 }
 
-/// Runs `f` on both backends and compares.
+/// Runs `f` on both backends and compares. The CPU half runs without a GPU too, so the invariants an ops
+/// function asserts on its own backend (exact equalities, refused steps changing nothing) are checked in CI.
 macro_rules! parity {
     ($group:expr, $f:ident) => {{
+        let cpu = $f(&CpuBackend::new());
         let Some(g) = gpu() else { return };
-        let c = CpuBackend::new();
-        compare($group, $f(&c), $f(&g));
+        compare($group, cpu, $f(&g));
     }};
 }
 
@@ -345,29 +346,42 @@ fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
         let one_by_one: Vec<f64> = ranges.iter().map(|&(off, len)| b.sum_squares(&g, off, len)).collect();
         assert_eq!(many, one_by_one, "sum_squares_many must equal sum_squares range by range");
         o.push((format!("sum_squares_many{n}"), many.iter().map(|&v| v as f32).collect(), RED));
-        // The step log (train::step_log): a row recorded at an offset (the ranges' sums, then two losses), its
-        // verdict and per-group clip scales (groups 0, 1, 0, 1; clip 0.5), the gated AdamW update taking its
-        // clip scale and step count (7 + 1) from the device, then the counts' advance.
+        // The step log (train::step_log): a row recorded at an offset (the ranges' sums — overlapping ranges,
+        // one pass — then two losses), its verdict and per-group clip scales (groups 0, 1, 0, 1; clip 0.5),
+        // the gated AdamW update of three disjoint segments (one empty) in one pass, taking each segment's
+        // learning rate, clip scale and step count from the device, then the counts' advance.
+        let sums_of = Segments::new(b, ranges.iter().enumerate()
+            .map(|(j, &(offset, len))| Segment { offset, len, group: j % 2, param: j, weight_decay: 0.0 }).collect());
         let (l1, l2) = (b.sum_all(&g), b.from_host(&rand(&mut rng, 1)));
         let (width, at) = (16, 17);
         let mut log = b.wide_zeros(2 * width);
-        b.record_step(&mut log, at, &g, &ranges, &[&l1, &l2]);
+        b.record_step(&mut log, at, &g, &sums_of, &[&l1, &l2]);
         let recorded = b.wide_to_host(&log);
-        assert_eq!(&recorded[at..at + 4], many.as_slice(), "record_step: the sums are sum_squares's");
+        assert_eq!(&recorded[at..at + 4], many.as_slice(), "record_step: the sums are sum_squares's, bit for bit");
         assert_eq!(recorded[at + 4] as f32, b.read_scalar(&l1), "record_step: the loss widened");
         let groups = b.idx_from_host(&[0, 1, 0, 1]);
         let layout = VerdictLayout { sums: 4, checked_at: 4, ok_at: 6, scales_at: 7, groups: 2 };
         b.step_verdict(&mut log, at, &layout, &groups, 0.5);
-        let mut counts = b.idx_from_host(&[2, 7]);
-        let hp = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.01 };
-        let gate = AdamWGate { log: &log, ok_at: at + 6, scale_at: at + 7 + 1, counts: &counts, param: 1 };
-        b.adamw(&mut p, &g, &mut m, &mut v, 5, n, &hp, &gate);
-        b.advance_steps(&mut counts, &b.idx_from_host(&[1]), &log, at + 6);
+        let update = Segments::new(b, vec![
+            Segment { offset: 0, len: 2, group: 0, param: 0, weight_decay: 0.01 },
+            Segment { offset: 5, len: n, group: 1, param: 1, weight_decay: 0.01 },
+            Segment { offset: n + 5, len: 0, group: 0, param: 2, weight_decay: 0.0 },
+        ]);
+        let mut counts = b.idx_from_host(&[2, 7, 0]);
+        let hp = AdamWHyper { beta1: 0.9, beta2: 0.98, eps: 1e-8 };
+        let lrs = b.from_host(&[2e-3, 1e-3]);
+        let gate = AdamWGate { log: &log, ok_at: at + 6, scales_at: at + 7, counts: &counts };
+        b.adamw(&mut p, &g, &mut m, &mut v, &update, &hp, &lrs, &gate);
+        b.advance_steps(&mut counts, &update, &log, at + 6);
         let row = b.wide_to_host(&log)[at..at + 9].to_vec();
         assert_eq!(row[6], 1.0, "step_verdict: finite sums and loss pass");
-        assert!(row[7] < 1.0 && row[8] < 1.0, "clip 0.5 scales both groups down: {row:?}");
+        for gr in 0..2 {
+            let norm = (0..4).filter(|j| j % 2 == gr).map(|j| many[j]).sum::<f64>().sqrt();
+            let want = (0.5 / (norm + 1e-6)).min(1.0) as f32 as f64;
+            assert_eq!(row[7 + gr], want, "group {gr}'s clip scale from the row's own sums: {row:?}");
+        }
         o.push((format!("step_log_row{n}"), row.iter().map(|&x| x as f32).collect(), RED));
-        assert_eq!(b.idx_to_host(&counts), vec![2, 8], "advance_steps after an accepted step");
+        assert_eq!(b.idx_to_host(&counts), vec![3, 8, 1], "advance_steps after an accepted step");
         out(b, &mut o, format!("adamw_p{n}"), &p, ELEM);
         out(b, &mut o, format!("adamw_m{n}"), &m, ELEM);
         out(b, &mut o, format!("adamw_v{n}"), &v, ELEM);
@@ -376,19 +390,51 @@ fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
         let mut bad = b.to_host(&g);
         bad[1 + n / 2] = f32::NAN;
         let bad = b.from_host(&bad);
-        b.record_step(&mut log, 0, &bad, &ranges, &[&l1]);
+        b.record_step(&mut log, 0, &bad, &sums_of, &[&l1]);
         let layout = VerdictLayout { sums: 4, checked_at: 4, ok_at: 5, scales_at: 6, groups: 2 };
         b.step_verdict(&mut log, 0, &layout, &groups, 0.5);
         assert_eq!(b.wide_to_host(&log)[5], 0.0, "step_verdict: a NaN gradient refuses the step");
         let before = (b.to_host(&p), b.to_host(&m), b.to_host(&v));
-        let gate = AdamWGate { log: &log, ok_at: 5, scale_at: 6, counts: &counts, param: 0 };
-        b.adamw(&mut p, &bad, &mut m, &mut v, 0, n, &hp, &gate);
-        b.advance_steps(&mut counts, &b.idx_from_host(&[0, 1]), &log, 5);
+        let gate = AdamWGate { log: &log, ok_at: 5, scales_at: 6, counts: &counts };
+        b.adamw(&mut p, &bad, &mut m, &mut v, &update, &hp, &lrs, &gate);
+        b.advance_steps(&mut counts, &update, &log, 5);
         assert_eq!((b.to_host(&p), b.to_host(&m), b.to_host(&v)), before, "a refused AdamW update changes nothing");
-        assert_eq!(b.idx_to_host(&counts), vec![2, 8], "a refused step advances no count");
+        assert_eq!(b.idx_to_host(&counts), vec![3, 8, 1], "a refused step advances no count");
         out(b, &mut o, format!("sum_all{n}"), &b.sum_all(&g), RED);
         o.push((format!("read_scalar{n}"), vec![b.read_scalar(&b.sum_all(&g))], RED));
     }
+    // Segments past the reductions' block cap (1,024 blocks of 256: grid-stride within a segment), and more
+    // segments than a warp: sums bit for bit sum_squares's, the update in one pass.
+    let mut rng = Rng::new(870);
+    let lens = [300_001usize, 1, 299_999, 0, 5, 70_000, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 17];
+    let total: usize = lens.iter().sum();
+    let mut segs = Vec::new();
+    let mut offset = 0;
+    for (j, &len) in lens.iter().enumerate() {
+        segs.push(Segment { offset, len, group: j % 3, param: j, weight_decay: if j % 2 == 0 { 0.01 } else { 0.0 } });
+        offset += len;
+    }
+    let segs = Segments::new(b, segs);
+    let (mut p, g) = (b.from_host(&rand(&mut rng, total)), b.from_host(&rand(&mut rng, total)));
+    let (mut m, mut v) = (b.from_host(&rand(&mut rng, total)), b.from_host(&rand(&mut rng, total).iter().map(|x| x * x).collect::<Vec<_>>()));
+    let loss = b.from_host(&[1.5]);
+    let mut log = b.wide_zeros(lens.len() + 5);
+    b.record_step(&mut log, 0, &g, &segs, &[&loss]);
+    let sums = b.wide_to_host(&log)[..lens.len()].to_vec();
+    let want: Vec<f64> = segs.host.iter().map(|s| b.sum_squares(&g, s.offset, s.len)).collect();
+    assert_eq!(sums, want, "record_step over many and large segments: sum_squares's bits");
+    let layout = VerdictLayout { sums: lens.len(), checked_at: lens.len(), ok_at: lens.len() + 1, scales_at: lens.len() + 2, groups: 3 };
+    b.step_verdict(&mut log, 0, &layout, &b.idx_from_host(&segs.host.iter().map(|s| s.group as u32).collect::<Vec<_>>()), 1.0);
+    let mut counts = b.idx_from_host(&(0..lens.len() as u32).collect::<Vec<_>>());
+    let gate = AdamWGate { log: &log, ok_at: layout.ok_at, scales_at: layout.scales_at, counts: &counts };
+    let hp = AdamWHyper { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    b.adamw(&mut p, &g, &mut m, &mut v, &segs, &hp, &b.from_host(&[1e-3, 2e-3, 3e-3]), &gate);
+    b.advance_steps(&mut counts, &segs, &log, layout.ok_at);
+    assert_eq!(b.idx_to_host(&counts), (1..=lens.len() as u32).collect::<Vec<_>>());
+    o.push(("step_log_large_row".into(), b.wide_to_host(&log).iter().map(|&x| x as f32).collect(), RED));
+    out(b, &mut o, "adamw_large_p".to_string(), &p, ELEM);
+    out(b, &mut o, "adamw_large_m".to_string(), &m, ELEM);
+    out(b, &mut o, "adamw_large_v".to_string(), &v, ELEM);
     o
 }
 

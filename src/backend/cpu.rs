@@ -4,7 +4,7 @@
 //! by one thread in a fixed order and results do not depend on the thread count. Matrix products go to
 //! the `gemm` crate (one single-threaded call per row block).
 use super::stored::{self, Stored};
-use super::{bias_correction, AdamWGate, AdamWHyper, Backend, DropoutKey, SeqLayout, VerdictLayout};
+use super::{bias_correction, AdamWGate, AdamWHyper, Backend, DropoutKey, Segments, SeqLayout, VerdictLayout};
 use std::borrow::Cow;
 use crate::rng::{counter_base, counter_uniform_at};
 use rayon::prelude::*;
@@ -306,13 +306,14 @@ impl Backend for CpuBackend {
         x[offset..offset + len].iter().map(|&v| (v as f64) * (v as f64)).sum()
     }
 
-    fn record_step(&self, log: &mut Vec<f64>, at: usize, x: &Vec<f32>, ranges: &[(usize, usize)], scalars: &[&Vec<f32>]) {
-        assert!(at + ranges.len() + scalars.len() <= log.len(), "record_step: the row does not fit the log");
-        for (j, &(offset, len)) in ranges.iter().enumerate() {
-            log[at + j] = self.sum_squares(x, offset, len);
+    fn record_step(&self, log: &mut Vec<f64>, at: usize, x: &Vec<f32>, segs: &Segments<Self>, scalars: &[&Vec<f32>]) {
+        let n = segs.len();
+        assert!(at + n + scalars.len() <= log.len(), "record_step: the row does not fit the log");
+        for (j, s) in segs.host.iter().enumerate() {
+            log[at + j] = self.sum_squares(x, s.offset, s.len);
         }
         for (j, s) in scalars.iter().enumerate() {
-            log[at + ranges.len() + j] = s[0] as f64;
+            log[at + n + j] = s[0] as f64;
         }
     }
 
@@ -328,36 +329,39 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, offset: usize, len: usize,
-             hp: &AdamWHyper, gate: &AdamWGate<Self>) {
+    fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, segs: &Segments<Self>,
+             hp: &AdamWHyper, lrs: &Vec<f32>, gate: &AdamWGate<Self>) {
         if gate.log[gate.ok_at] == 0.0 {
             return;
         }
-        let grad_scale = gate.log[gate.scale_at] as f32;
-        let t = gate.counts[gate.param] as u64 + 1;
-        let (bc1, bc2) = (bias_correction(hp.beta1, t), bias_correction(hp.beta2, t));
-        let r = offset..offset + len;
-        let decay = 1.0 - hp.lr * hp.weight_decay;
-        p[r.clone()].par_chunks_mut(4096)
-            .zip(m[r.clone()].par_chunks_mut(4096))
-            .zip(v[r.clone()].par_chunks_mut(4096))
-            .zip(g[r].par_chunks(4096))
-            .for_each(|(((p, m), v), g)| {
-                for i in 0..p.len() {
-                    let gi = g[i] * grad_scale;
-                    m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
-                    v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
-                    let mhat = m[i] / bc1;
-                    let vhat = v[i] / bc2;
-                    p[i] = p[i] * decay - hp.lr * mhat / (vhat.sqrt() + hp.eps);
-                }
-            });
+        for s in &segs.host {
+            let grad_scale = gate.log[gate.scales_at + s.group] as f32;
+            let t = gate.counts[s.param] as u64 + 1;
+            let (bc1, bc2) = (bias_correction(hp.beta1, t), bias_correction(hp.beta2, t));
+            let lr = lrs[s.group];
+            let decay = 1.0 - lr * s.weight_decay;
+            let r = s.offset..s.offset + s.len;
+            p[r.clone()].par_chunks_mut(4096)
+                .zip(m[r.clone()].par_chunks_mut(4096))
+                .zip(v[r.clone()].par_chunks_mut(4096))
+                .zip(g[r].par_chunks(4096))
+                .for_each(|(((p, m), v), g)| {
+                    for i in 0..p.len() {
+                        let gi = g[i] * grad_scale;
+                        m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
+                        v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
+                        let mhat = m[i] / bc1;
+                        let vhat = v[i] / bc2;
+                        p[i] = p[i] * decay - lr * mhat / (vhat.sqrt() + hp.eps);
+                    }
+                });
+        }
     }
 
-    fn advance_steps(&self, counts: &mut Vec<u32>, params: &Vec<u32>, log: &Vec<f64>, ok_at: usize) {
+    fn advance_steps(&self, counts: &mut Vec<u32>, segs: &Segments<Self>, log: &Vec<f64>, ok_at: usize) {
         if log[ok_at] != 0.0 {
-            for &p in params {
-                counts[p as usize] += 1;
+            for s in &segs.host {
+                counts[s.param] += 1;
             }
         }
     }

@@ -11,12 +11,14 @@
 pub mod cpu;
 pub mod cuda;
 pub mod layout;
+pub mod segments;
 pub mod stored;
 mod cpu_attention;
 mod cpu_infonce;
 
 pub use cpu::CpuBackend;
 pub use layout::SeqLayout;
+pub use segments::{Segment, Segments};
 pub use stored::{StoreFormat, Stored};
 
 /// Dropout parameters of one op application: drop probability and the counter-RNG key.
@@ -28,28 +30,24 @@ pub struct DropoutKey {
     pub stream: u64,
 }
 
-/// Hyper-parameters of one AdamW update of one parameter range. The gradient scale (clipping), the step
-/// count and whether the update happens at all come from the device-side step log ([`AdamWGate`]), so the
-/// host never has to read a step's gradients before updating.
+/// AdamW's hyper-parameters common to every parameter (learning rates are per group, weight decay per
+/// segment). The gradient scale (clipping), the step count and whether the update happens at all come from
+/// the device-side step log ([`AdamWGate`]), so the host never has to read a step's gradients before updating.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWHyper {
-    pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
-    /// Decoupled weight decay (0 where the parameter is not decayed).
-    pub weight_decay: f32,
 }
 
 /// Where an AdamW update reads what the step's verdict decided (`train::step_log`): the update runs only
-/// if `log[ok_at] != 0`; the gradient is multiplied by `log[scale_at]` (clipping); the parameter's step
-/// count is `counts[param] + 1` (the counts advance after the step's updates, [`Backend::advance_steps`]).
+/// if `log[ok_at] != 0`; group `g`'s gradient is multiplied by `log[scales_at + g]` (clipping); parameter
+/// `p`'s step count is `counts[p] + 1` (the counts advance after the update, [`Backend::advance_steps`]).
 pub struct AdamWGate<'a, B: Backend> {
     pub log: &'a B::Wide,
     pub ok_at: usize,
-    pub scale_at: usize,
+    pub scales_at: usize,
     pub counts: &'a B::Idx,
-    pub param: usize,
 }
 
 /// Where [`Backend::step_verdict`] reads and writes in a step-log row (offsets from the row's start).
@@ -144,22 +142,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn sum_squares_many(&self, x: &Self::Buf, ranges: &[(usize, usize)]) -> Vec<f64> {
         ranges.iter().map(|&(offset, len)| self.sum_squares(x, offset, len)).collect()
     }
-    /// Writes one step-log row from `log[at]` on: [`Backend::sum_squares`] of each `(offset, len)` range of
-    /// `x` (each summed exactly as `sum_squares` sums it), then each 1-element `scalars` buffer widened to
-    /// f64. Nothing is read back: the trainers read the log once per logging interval.
-    fn record_step(&self, log: &mut Self::Wide, at: usize, x: &Self::Buf, ranges: &[(usize, usize)], scalars: &[&Self::Buf]);
+    /// Writes one step-log row from `log[at]` on: [`Backend::sum_squares`] of each segment of `x` (each
+    /// summed exactly as `sum_squares` sums it; one pass over all segments), then each 1-element `scalars`
+    /// buffer widened to f64. Nothing is read back: the trainers read the log once per logging interval.
+    fn record_step(&self, log: &mut Self::Wide, at: usize, x: &Self::Buf, segs: &Segments<Self>, scalars: &[&Self::Buf]);
     /// The step's verdict, on the row at `log[at]` that [`Backend::record_step`] wrote: it may update iff the
     /// checked loss and every gradient sum are finite (written 1/0 at `ok_at`); each group's clip scale
     /// `min(1, clip / (‖g_group‖ + 1e−6))` (1 when `clip <= 0`), the norm the square root of the group's sums
     /// added in row order, goes to `scales_at + group`. `groups[j]` is the group of sum `j`.
     fn step_verdict(&self, log: &mut Self::Wide, at: usize, layout: &VerdictLayout, groups: &Self::Idx, clip: f32);
-    /// One fused AdamW update of `p[offset .. offset + len]` (decoupled weight decay; see `train::optim`),
-    /// if the step's verdict allows it ([`AdamWGate`]).
+    /// One fused AdamW update of every segment of the flat buffers (decoupled weight decay; see
+    /// `train::optim`), segment `s` at learning rate `lrs[s.group]`, if the step's verdict allows it
+    /// ([`AdamWGate`]). One launch on the GPU.
     #[allow(clippy::too_many_arguments)]
-    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, offset: usize,
-             len: usize, hp: &AdamWHyper, gate: &AdamWGate<Self>);
-    /// `counts[params[j]] += 1` for every `j`, if `log[ok_at] != 0` (after the step's AdamW updates).
-    fn advance_steps(&self, counts: &mut Self::Idx, params: &Self::Idx, log: &Self::Wide, ok_at: usize);
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, segs: &Segments<Self>,
+             hp: &AdamWHyper, lrs: &Self::Buf, gate: &AdamWGate<Self>);
+    /// `counts[s.param] += 1` for every segment (distinct parameters), if `log[ok_at] != 0` — after the step's
+    /// AdamW update, which read the counts.
+    fn advance_steps(&self, counts: &mut Self::Idx, segs: &Segments<Self>, log: &Self::Wide, ok_at: usize);
 
     // ---- dense linear algebra --------------------------------------------------------------------
     /// `C[i] = alpha * op(A[i]) · op(B[i]) + beta * C[i]` for `i < batch`, where `op(A)` is `[m, k]`

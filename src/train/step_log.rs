@@ -11,14 +11,16 @@
 //! everything that mutates training state reads the verdict where it lies: the gated `Backend::adamw`
 //! (which also takes the clip scale and the parameter's step count from the device), `Backend::advance_steps`
 //! (AdamW's per-parameter step counts live on the device too) and the memory bank's `Backend::ring_enqueue`.
-//! A refused step therefore changes nothing, exactly as when the host checked it first.
+//! A refused step therefore changes nothing, exactly as when the host checked it first. The sums and the
+//! update each cover every trainable parameter in one pass (`backend::Segments`: on the GPU, two launches
+//! for all the sums and one for all of AdamW, where a launch or two per parameter tensor was the rule).
 //!
 //! The host reads the whole log once per logging interval ([`StepLog::read`]: one synchronisation) and then
 //! does what needs the numbers: the guard's report of a skipped step (with its step number and tensor), the
 //! step records of `metrics.jsonl`, the epoch's mean loss, and AdamW's host copy of the step counts (for
 //! checkpoints). The device computes the same whatever the interval, so a run with `train.log_every = 50`
 //! gives the same weights, bit for bit, as one reading every step (`tests/reliability.rs`).
-use crate::backend::{AdamWGate, AdamWHyper, Backend, VerdictLayout};
+use crate::backend::{AdamWGate, AdamWHyper, Backend, Segment, Segments, VerdictLayout};
 use crate::params::ParamStore;
 use crate::train::guard::NonFinite;
 use crate::train::optim::AdamW;
@@ -36,9 +38,9 @@ pub struct StepLog<B: Backend> {
     /// AdamW's step count of every parameter (the device copy; `AdamW::steps` is the host's, brought up to
     /// date by [`StepLog::read`]).
     counts: B::Idx,
-    /// The stepped parameters of the last step, and their groups and ids on the device (reused while the
-    /// trainable set does not change, so a step uploads nothing for them).
-    stepped: Option<(Vec<usize>, B::Idx, B::Idx)>,
+    /// The stepped parameters of the last step, their groups on the device and their segments (reused while
+    /// the trainable set does not change, so a step uploads only its learning rates).
+    stepped: Option<(Vec<usize>, B::Idx, Segments<B>)>,
     pending: Vec<Pending>,
 }
 
@@ -114,25 +116,23 @@ impl<B: Backend> StepLog<B> {
         let params: Vec<usize> = (0..store.infos.len()).filter(|&i| store.infos[i].trainable).collect();
         if self.stepped.as_ref().is_none_or(|(p, _, _)| *p != params) {
             let groups: Vec<u32> = params.iter().map(|&i| store.infos[i].group as u32).collect();
-            let ids: Vec<u32> = params.iter().map(|&i| i as u32).collect();
-            self.stepped = Some((params.clone(), backend.idx_from_host(&groups), backend.idx_from_host(&ids)));
+            let segs = params.iter().map(|&i| {
+                let p = &store.infos[i];
+                Segment { offset: p.offset, len: p.len, group: p.group, param: i,
+                          weight_decay: if p.decay { opt.weight_decay } else { 0.0 } }
+            }).collect();
+            self.stepped = Some((params.clone(), backend.idx_from_host(&groups), Segments::new(backend, segs)));
         }
-        let (_, groups_dev, ids_dev) = self.stepped.as_ref().expect("set above");
-        let ranges: Vec<(usize, usize)> = params.iter().map(|&i| (store.infos[i].offset, store.infos[i].len)).collect();
-        backend.record_step(&mut self.rows, at, &store.grads, &ranges, losses);
+        let (_, groups_dev, segs) = self.stepped.as_ref().expect("set above");
+        backend.record_step(&mut self.rows, at, &store.grads, segs, losses);
         let n = params.len();
         let layout = VerdictLayout { sums: n, checked_at: n + checked, ok_at: n + losses.len(),
                                      scales_at: n + losses.len() + 1, groups: self.groups };
         backend.step_verdict(&mut self.rows, at, &layout, groups_dev, clip);
-        for &i in &params {
-            let p = &store.infos[i];
-            let hp = AdamWHyper { lr: lrs[p.group], beta1: opt.beta1, beta2: opt.beta2, eps: opt.eps,
-                                  weight_decay: if p.decay { opt.weight_decay } else { 0.0 } };
-            let gate = AdamWGate { log: &self.rows, ok_at: at + layout.ok_at, scale_at: at + layout.scales_at + p.group,
-                                   counts: &self.counts, param: i };
-            backend.adamw(&mut store.values, &store.grads, &mut store.m, &mut store.v, p.offset, p.len, &hp, &gate);
-        }
-        backend.advance_steps(&mut self.counts, ids_dev, &self.rows, at + layout.ok_at);
+        let hp = AdamWHyper { beta1: opt.beta1, beta2: opt.beta2, eps: opt.eps };
+        let gate = AdamWGate { log: &self.rows, ok_at: at + layout.ok_at, scales_at: at + layout.scales_at, counts: &self.counts };
+        backend.adamw(&mut store.values, &store.grads, &mut store.m, &mut store.v, segs, &hp, &backend.from_host(lrs), &gate);
+        backend.advance_steps(&mut self.counts, segs, &self.rows, at + layout.ok_at);
         let groups = params.iter().map(|&i| store.infos[i].group).collect();
         self.pending.push(Pending { params, groups, losses: losses.len() });
         row

@@ -10,7 +10,7 @@
 //! shapes the same way), so a driver error after a successful start panics with the kernel's name.
 use super::kernels::{self, KernelError};
 use super::{probe, CudaUnavailable, GpuInfo};
-use crate::backend::{AdamWGate, AdamWHyper, Backend, DropoutKey, SeqLayout, Stored, VerdictLayout};
+use crate::backend::{AdamWGate, AdamWHyper, Backend, DropoutKey, Segments, SeqLayout, Stored, VerdictLayout};
 use crate::rng::counter_base;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -481,32 +481,28 @@ impl Backend for CudaBackend {
         check(self.stream.clone_dtoh(&out), "sum_squares readback")[0]
     }
 
-    fn record_step(&self, log: &mut CudaSlice<f64>, at: usize, x: &CudaSlice<f32>, ranges: &[(usize, usize)],
+    fn record_step(&self, log: &mut CudaSlice<f64>, at: usize, x: &CudaSlice<f32>, segs: &Segments<Self>,
                    scalars: &[&CudaSlice<f32>]) {
-        // The same two kernels as `sum_squares` per range (so the same bits), each finishing into its own
-        // slot of the row; the stream orders the launches, so one partials buffer serves all. The scalars are
-        // widened into the slots after them. Nothing is read back here.
-        assert!(at + ranges.len() + scalars.len() <= log.len(), "record_step: the row does not fit the log");
-        let mut partials = self.alloc_f64(REDUCE_GRID);
-        for (i, &(offset, len)) in ranges.iter().enumerate() {
-            assert!(offset + len <= x.len(), "record_step: range {i} out of bounds");
-            let mut slot = log.slice_mut(at + i..at + i + 1);
-            if len == 0 {
-                check(self.stream.memset_zeros(&mut slot), "record_step: empty range");
-                continue;
-            }
-            let view = x.slice(offset..offset + len);
-            let g = reduce_grid(len);
-            let (n64, mode) = (len as u64, 1i32);
-            let cfg = LaunchConfig { grid_dim: (g as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "sum_partials_f32", cfg; &mut partials, &view, &n64, &mode);
-            let np = g as u32;
-            let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "reduce_finish_f64", cfg1; &mut slot, &partials, &np);
+        // Two launches for every segment's sum (partials, then one finishing block per segment, each with
+        // sum_squares's grid and order, so sum_squares's bits), then the scalars widened after them.
+        let n = segs.len();
+        assert!(at + n + scalars.len() <= log.len(), "record_step: the row does not fit the log");
+        for (i, sg) in segs.host.iter().enumerate() {
+            assert!(sg.offset + sg.len <= x.len(), "record_step: segment {i} out of bounds");
+        }
+        if n > 0 {
+            let mut partials = self.alloc_f64(segs.blocks);
+            let nsegs = n as u32;
+            let cfg = LaunchConfig { grid_dim: (u32_of(segs.blocks, "segment blocks"), 1, 1), block_dim: (BLOCK, 1, 1),
+                                     shared_mem_bytes: 0 };
+            launch!(self, "sum_squares_segments_f64", cfg; &mut partials, x, &segs.table, &nsegs);
+            let mut out = log.slice_mut(at..at + n);
+            let cfg = LaunchConfig { grid_dim: (nsegs, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "finish_segments_f64", cfg; &mut out, &partials, &segs.table);
         }
         for (i, s) in scalars.iter().enumerate() {
             assert!(!s.is_empty(), "record_step: scalar {i} is empty");
-            let to = at + ranges.len() + i;
+            let to = at + n + i;
             let mut slot = log.slice_mut(to..to + 1);
             let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "widen_scalar_f32", cfg1; &mut slot, *s);
@@ -531,31 +527,30 @@ impl Backend for CudaBackend {
     }
 
     fn adamw(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
-             offset: usize, len: usize, hp: &AdamWHyper, gate: &AdamWGate<Self>) {
-        if len == 0 {
+             segs: &Segments<Self>, hp: &AdamWHyper, lrs: &CudaSlice<f32>, gate: &AdamWGate<Self>) {
+        if segs.is_empty() {
             return;
         }
-        assert!(gate.ok_at < gate.log.len() && gate.scale_at < gate.log.len(), "adamw: gate slots outside the log");
-        assert!(gate.param < gate.counts.len(), "adamw: parameter {} has no step count", gate.param);
-        let r = offset..offset + len;
-        let mut pv = p.slice_mut(r.clone());
-        let gv = g.slice(r.clone());
-        let mut mv = m.slice_mut(r.clone());
-        let mut vv = v.slice_mut(r);
-        let n64 = len as u64;
-        let decay = 1.0 - hp.lr * hp.weight_decay;
-        let (ok_at, scale_at, param) = (gate.ok_at as u32, gate.scale_at as u32, gate.param as u32);
-        launch!(self, "adamw_f32", cfg_elems(len); &mut pv, &gv, &mut mv, &mut vv, &n64, &hp.lr, &hp.beta1,
-                &hp.beta2, &hp.eps, &decay, gate.log, &ok_at, &scale_at, gate.counts, &param);
+        for (i, sg) in segs.host.iter().enumerate() {
+            assert!(sg.offset + sg.len <= p.len(), "adamw: segment {i} out of bounds");
+            assert!(sg.group < lrs.len() && gate.scales_at + sg.group < gate.log.len(), "adamw: segment {i}'s group");
+            assert!(sg.param < gate.counts.len(), "adamw: parameter {} has no step count", sg.param);
+        }
+        assert!(gate.ok_at < gate.log.len(), "adamw: verdict slot outside the log");
+        let (nsegs, ok_at, scales_at) = (segs.len() as u32, gate.ok_at as u32, gate.scales_at as u32);
+        let cfg = LaunchConfig { grid_dim: (u32_of(segs.blocks, "segment blocks"), 1, 1), block_dim: (BLOCK, 1, 1),
+                                 shared_mem_bytes: 0 };
+        launch!(self, "adamw_segments_f32", cfg; p, g, m, v, &segs.table, &nsegs, lrs, &hp.beta1, &hp.beta2, &hp.eps,
+                gate.log, &ok_at, &scales_at, gate.counts);
     }
 
-    fn advance_steps(&self, counts: &mut CudaSlice<u32>, params: &CudaSlice<u32>, log: &CudaSlice<f64>, ok_at: usize) {
-        if params.is_empty() {
+    fn advance_steps(&self, counts: &mut CudaSlice<u32>, segs: &Segments<Self>, log: &CudaSlice<f64>, ok_at: usize) {
+        if segs.is_empty() {
             return;
         }
         assert!(ok_at < log.len(), "advance_steps: verdict slot outside the log");
-        let (n, ok) = (params.len() as u32, ok_at as u32);
-        launch!(self, "advance_steps_u32", cfg_elems(params.len()); counts, params, &n, log, &ok);
+        let (n, ok) = (segs.len() as u32, ok_at as u32);
+        launch!(self, "advance_steps_u32", cfg_elems(segs.len()); counts, &segs.table, &n, log, &ok);
     }
 
     // ---- dense linear algebra --------------------------------------------------------------------
