@@ -61,9 +61,15 @@ extern "C" __global__ void reduce_finish_f64(double* out, const double* partials
     if (threadIdx.x == 0) out[0] = s;
 }
 
-// out[0] = x[0] widened to f64: a loss value joins the gradient sums in one array, so one readback returns
-// both (CudaBackend::sum_squares_and_scalars).
-extern "C" __global__ void widen_scalar_f32(double* out, const float* x) { out[0] = (double)x[0]; }
+// out[i] = x_i[0] widened to f64 for i < n ≤ 8, one launch for a step's loss values (Backend::record_step);
+// the unused pointers repeat x0.
+extern "C" __global__ void widen_scalars_f32(double* out, unsigned int n, const float* x0, const float* x1,
+                                             const float* x2, const float* x3, const float* x4, const float* x5,
+                                             const float* x6, const float* x7) {
+    const float* xs[8] = {x0, x1, x2, x3, x4, x5, x6, x7};
+    const unsigned int i = threadIdx.x;
+    if (i < n && i < 8) out[i] = (double)xs[i][0];
+}
 
 // out[c] += Σ_r x[r, c] (bias gradient). Block (32, 16): 32 adjacent columns (coalesced reads of each row),
 // 16 row lanes each summing a fixed strided subset of rows in f64, then a fixed-order combine in shared memory.

@@ -500,12 +500,17 @@ impl Backend for CudaBackend {
             let cfg = LaunchConfig { grid_dim: (nsegs, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "finish_segments_f64", cfg; &mut out, &partials, &segs.table);
         }
-        for (i, s) in scalars.iter().enumerate() {
-            assert!(!s.is_empty(), "record_step: scalar {i} is empty");
-            let to = at + n + i;
-            let mut slot = log.slice_mut(to..to + 1);
-            let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "widen_scalar_f32", cfg1; &mut slot, *s);
+        // The loss values: one launch per 8.
+        for (c, chunk) in scalars.chunks(8).enumerate() {
+            for (i, s) in chunk.iter().enumerate() {
+                assert!(!s.is_empty(), "record_step: scalar {} is empty", c * 8 + i);
+            }
+            let to = at + n + c * 8;
+            let mut slots = log.slice_mut(to..to + chunk.len());
+            let x: Vec<&CudaSlice<f32>> = (0..8).map(|i| chunk[i.min(chunk.len() - 1)]).collect();
+            let k = chunk.len() as u32;
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (8, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "widen_scalars_f32", cfg; &mut slots, &k, x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]);
         }
     }
 
