@@ -171,6 +171,39 @@ fn gpu_memory_after_1000_steps_equals_memory_after_10() {
     assert!(at1000 <= at10 + (32 << 20), "device memory grew from {at10} to {at1000} bytes over 990 steps");
 }
 
+/// Issue #4 item 3: training reads nothing back per step. 30 UR4Rec steps submitted as the trainer submits
+/// them, the step log read once per `train.log_every` = 10 steps: exactly 3 device-to-host reads (each a
+/// host synchronisation), and a read-back loss for every step.
+#[test]
+fn training_reads_back_once_per_logging_interval() {
+    let Some(g) = gpu_or_skip() else { return };
+    let mut cfg = ur4rec_cfg();
+    cfg.train.log_every = 10;
+    let data = ur4rec_data(&cfg);
+    let mut tr = Trainer::new(&g, &cfg, &data).unwrap();
+    tr.set_stage_trainable(4, ur4rec_engine::train::strategies::Module::Sasrec);
+    let users: Vec<usize> = (0..data.split.train.len()).collect();
+    let lrs = tr.lrs(4, 50, 100_000);
+    let batches: Vec<&[usize]> = users.chunks(cfg.train.batch_size).collect();
+    // One step first: kernel loading and first-use uploads are not the steady state.
+    tr.train_step(4, batches[0], &lrs).unwrap().unwrap();
+    tr.step += 1;
+    let before = g.readbacks();
+    let mut results = Vec::new();
+    for step in 0..30 {
+        assert!(tr.submit_step(4, batches[step % batches.len()], &lrs).unwrap());
+        tr.step += 1;
+        if tr.log_full() {
+            results.extend(tr.collect());
+        }
+    }
+    let reads = g.readbacks() - before;
+    println!("30 steps, step log read every 10: {reads} device-to-host reads");
+    assert_eq!(reads, 3, "device-to-host reads in 30 steps read every 10");
+    assert_eq!(results.len(), 30);
+    assert!(results.iter().all(|(_, r)| r.skipped.is_none() && r.losses.total.is_finite()));
+}
+
 /// The whole four-stage pipeline on the GPU — training with every term and the memory bank, model selection
 /// (the banks go to the host and back), resume checkpoints, and the evaluation on the device (fused softmax
 /// and rank counts over the catalogue) — against the same run on the CPU. The two runs drift apart (f32 sums

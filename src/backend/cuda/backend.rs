@@ -52,6 +52,9 @@ pub struct CudaBackend {
     /// Kernel launches so far (NVRTC kernels and cuBLAS calls): the step benchmark reports kernels per step
     /// (mission.md §9: launches are the small model's enemy).
     launches: AtomicU64,
+    /// Device-to-host reads so far, each a host synchronisation: training reads once per logging interval
+    /// (`train::step_log`; tests/cuda_training.rs counts them).
+    readbacks: AtomicU64,
 }
 
 fn check<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
@@ -157,7 +160,8 @@ impl CudaBackend {
                 }
             }
             let deterministic = std::env::var("UR4REC_CUDA_DETERMINISTIC").map(|v| v == "1").unwrap_or(false);
-            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs, deterministic, launches: AtomicU64::new(0) })
+            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs, deterministic, launches: AtomicU64::new(0),
+                            readbacks: AtomicU64::new(0) })
         }));
         panic::set_hook(prev);
         match r {
@@ -214,6 +218,11 @@ impl CudaBackend {
     /// Kernel launches (NVRTC kernels and cuBLAS calls) since the backend started.
     pub fn launches(&self) -> u64 {
         self.launches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Device-to-host reads (host synchronisations) since the backend started.
+    pub fn readbacks(&self) -> u64 {
+        self.readbacks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Device memory in use (total − free, whole device) once the queued work is done, in bytes: what the
@@ -329,6 +338,7 @@ impl Backend for CudaBackend {
         if x.is_empty() {
             return Vec::new();
         }
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         check(self.stream.clone_dtoh(x), "to_host")
     }
     fn idx_len(&self, x: &CudaSlice<u32>) -> usize {
@@ -338,6 +348,7 @@ impl Backend for CudaBackend {
         if x.is_empty() {
             return Vec::new();
         }
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         check(self.stream.clone_dtoh(x), "idx_to_host")
     }
     fn wide_zeros(&self, n: usize) -> CudaSlice<f64> {
@@ -350,6 +361,7 @@ impl Backend for CudaBackend {
         check(self.stream.clone_htod(x), "wide_from_host")
     }
     fn wide_to_host(&self, x: &CudaSlice<f64>) -> Vec<f64> {
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         check(self.stream.clone_dtoh(x), "wide_to_host")
     }
     fn half_from_host(&self, bits: &[u16]) -> CudaSlice<u16> {
@@ -362,6 +374,7 @@ impl Backend for CudaBackend {
         if x.is_empty() {
             return Vec::new();
         }
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         check(self.stream.clone_dtoh(x), "half_to_host")
     }
     fn len(&self, x: &CudaSlice<f32>) -> usize {
@@ -478,6 +491,7 @@ impl Backend for CudaBackend {
         let np = g as u32;
         let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         launch!(self, "reduce_finish_f64", cfg1; &mut out, &partials, &np);
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         check(self.stream.clone_dtoh(&out), "sum_squares readback")[0]
     }
 
@@ -1059,6 +1073,7 @@ impl Backend for CudaBackend {
         }
     }
     fn read_scalar(&self, x: &CudaSlice<f32>) -> f32 {
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         check(self.stream.clone_dtoh(&x.slice(0..1)), "read_scalar")[0]
     }
 
@@ -1072,6 +1087,7 @@ impl Backend for CudaBackend {
             assert!(!x.is_empty(), "read_scalars: buffer {i} is empty");
             check(self.stream.memcpy_dtod(&x.slice(0..1), &mut packed.slice_mut(i..i + 1)), "read_scalars");
         }
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut host = check(self.stream.clone_dtoh(&packed), "read_scalars readback");
         host.truncate(xs.len());
         host
