@@ -10,7 +10,7 @@
 //! `BENCH_GPU_STEPS` (default 20) timed steps, wall clock with a device synchronisation at the end.
 //! GPU only, two more rows: UR4Rec at batch 256 with the reference memory bank (65,536 slots) stored in f32
 //! and in bf16 (`ur4rec.bank_format`), with the item tables read as bf16 in the second (`train.table_format`):
-//! the speed effect of 16-bit storage; and UR4Rec at batch 32 and 256 with the step log read every 10 steps
+//! the speed effect of 16-bit storage; and both models at batch 32 and 256 with the step log read every 10 steps
 //! instead of every step (`train.log_every`, `train::step_log`): the cost of one host synchronisation a step.
 //! Run: `cargo bench --bench step`.
 use std::time::Instant;
@@ -23,7 +23,8 @@ use ur4rec_engine::params::ParamBuilder;
 use ur4rec_engine::rng::Rng;
 use ur4rec_engine::train::optim::AdamW;
 use ur4rec_engine::train::strategies::Module;
-use ur4rec_engine::train::trainer::{sasrec_step, PreparedData};
+use ur4rec_engine::train::step_log::StepLog;
+use ur4rec_engine::train::trainer::{sasrec_submit, PreparedData};
 use ur4rec_engine::train::ur4rec_trainer::Trainer;
 
 #[global_allocator]
@@ -82,6 +83,7 @@ fn sasrec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
     let mut store = b.build(be);
     let t = &cfg.train;
     let mut opt = AdamW::new(store.infos.len(), t.beta1, t.beta2, t.adam_eps, t.weight_decay);
+    let mut log = StepLog::new(be, &store, &opt, t.readback_interval());
     let n = data.split.train.len();
     let (mut seqs, mut launches0) = (0usize, 0u64);
     let mut t0 = Instant::now();
@@ -92,9 +94,13 @@ fn sasrec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
             launches0 = (dev.launches)();
             seqs = 0;
         }
-        let o = sasrec_step(be, cfg, &model, &mut store, &mut opt, data, &batch_users(s, bsz, n), &mut rng, s, 1e-3)
-            .expect("sasrec step").expect("a non-empty batch");
-        seqs += o.sequences;
+        // The trainer's step, its numbers read back once per `train.log_every` steps as the trainer reads them.
+        let (sequences, _) = sasrec_submit(be, cfg, &model, &mut store, &opt, &mut log, data, &batch_users(s, bsz, n), &mut rng,
+                                           s, 1e-3).expect("sasrec step").expect("a non-empty batch");
+        if log.is_full() || s + 1 == warm + steps {
+            assert!(log.read(be, &mut opt).iter().all(|r| r.ok), "a non-finite SASRec step");
+        }
+        seqs += sequences;
     }
     Rate::measure(dev, t0, launches0, seqs, steps)
 }
@@ -186,12 +192,15 @@ fn main() {
         }
         // The rows above read the step log after every step (log_every = 1, one host synchronisation a step);
         // the trainer reads it once per `train.log_every` steps. The cost of that synchronisation:
-        for bsz in [32usize, 256] {
+        for (model, bsz) in [("sasrec", 32usize), ("sasrec", 256), ("ur4rec", 32), ("ur4rec", 256)] {
             let mut c = cfg.clone();
             c.train.log_every = 10;
-            let r = ur4rec_rate(g, &c, &data, bsz, 3, gpu_steps, &on_gpu);
-            println!("{:<8} {:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   step log read every 10 steps", "ur4rec", bsz,
-                     "-", r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step);
+            let r = match model {
+                "sasrec" => sasrec_rate(g, &c, &data, bsz, 3, gpu_steps, &on_gpu),
+                _ => ur4rec_rate(g, &c, &data, bsz, 3, gpu_steps, &on_gpu),
+            };
+            println!("{model:<8} {bsz:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   step log read every 10 steps", "-",
+                     r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step);
         }
     }
 }
