@@ -11,7 +11,8 @@
 //! GPU only, two more rows: UR4Rec at batch 256 with the reference memory bank (65,536 slots) stored in f32
 //! and in bf16 (`ur4rec.bank_format`), with the item tables read as bf16 in the second (`train.table_format`):
 //! the speed effect of 16-bit storage; and both models at batch 32 and 256 with the step log read every 10 steps
-//! instead of every step (`train.log_every`, `train::step_log`): the cost of one host synchronisation a step.
+//! instead of every step (`train.log_every`, `train::step_log`): the cost of one host synchronisation a step;
+//! and both models at batch 256 with cuBLAS in TF32 (`train.tf32`).
 //! Run: `cargo bench --bench step`.
 use std::time::Instant;
 use ur4rec_engine::backend::cuda::CudaBackend;
@@ -200,6 +201,20 @@ fn main() {
                 _ => ur4rec_rate(g, &c, &data, bsz, 3, gpu_steps, &on_gpu),
             };
             println!("{model:<8} {bsz:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   step log read every 10 steps", "-",
+                     r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step);
+        }
+    }
+    // cuBLAS in TF32 (`train.tf32`): the plain matrix products on the tensor cores.
+    if let Some(g) = gpu.map(|g| g.with_tf32(true)) {
+        let sync = || g.synchronize();
+        let launches = || g.launches();
+        let on_tf32 = Device { sync: &sync, launches: &launches };
+        for (model, bsz) in [("sasrec", 256usize), ("ur4rec", 256)] {
+            let r = match model {
+                "sasrec" => sasrec_rate(&g, &cfg, &data, bsz, 3, gpu_steps, &on_tf32),
+                _ => ur4rec_rate(&g, &cfg, &data, bsz, 3, gpu_steps, &on_tf32),
+            };
+            println!("{model:<8} {bsz:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   cuBLAS in TF32 (train.tf32)", "-",
                      r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step);
         }
     }

@@ -113,6 +113,10 @@ pub struct TrainConfig {
     /// fixed-order reductions; tested in `tests/reliability.rs`), so this changes nothing there; on the GPU
     /// it selects the kernels without float atomics, so two runs give bit-identical losses.
     pub deterministic: bool,
+    /// GPU only: cuBLAS's plain matrix products in TF32 on the tensor cores (inputs rounded to 10 mantissa
+    /// bits, f32 accumulation), several times faster at some accuracy. Off: full f32 (cuBLAS's default math).
+    /// No effect on the CPU backend or on the engine's own kernels.
+    pub tf32: bool,
     /// How the forward reads the item embedding tables (SASRec's, the retriever's text and visual ones):
     /// "f32", or "bf16" / "f16" — the values as 16-bit storage holds them (rounded to nearest even). The f32
     /// master weights take the gradients and the AdamW updates unchanged (mixed precision, mission.md §9).
@@ -145,7 +149,7 @@ impl Default for TrainConfig {
         TrainConfig { epochs: 20, batch_size: 128, objective: Objective::EveryPosition, negatives: 5, lr: 1e-3,
                       weight_decay: 1e-5, beta1: 0.9, beta2: 0.999, adam_eps: 1e-8, schedule: Schedule::WarmupCosine,
                       warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 1,
-                      max_bad_steps: 10, checkpoint_every: 500, deterministic: false,
+                      max_bad_steps: 10, checkpoint_every: 500, deterministic: false, tf32: false,
                       table_format: crate::backend::StoreFormat::F32, inject_nan_at_step: None, inject_nan_from_step: None }
     }
 }

@@ -191,18 +191,36 @@ const ENABLE_CUDA_ENV: &str = "UR4REC_ENABLE_CUDA";
 
 /// Picks the backend. `cpu`; `cuda` / `cuda:N`: the CUDA backend on GPU N or a clear error; `auto`: the GPU
 /// when one starts and `UR4REC_ENABLE_CUDA=1`, otherwise the CPU, saying why. Never panics.
-fn choose_device(device: &str, deterministic: bool) -> Result<Device> {
+fn choose_device(device: &str, deterministic: bool, tf32: bool) -> Result<Device> {
     let d = device.trim().to_ascii_lowercase();
+    // The GPU with the run's options: the deterministic embedding backward (also on by
+    // UR4REC_CUDA_DETERMINISTIC=1) and cuBLAS's TF32 math (train.tf32).
+    let start = |n: usize| cuda::CudaBackend::new(n).map(|g| {
+        let on = deterministic || g.is_deterministic();
+        g.with_deterministic(on).with_tf32(tf32)
+    });
+    let options = |g: &cuda::CudaBackend| {
+        let mut o = String::new();
+        if g.is_deterministic() {
+            o.push_str("; deterministic embedding backward");
+        }
+        if g.is_tf32() {
+            o.push_str("; cuBLAS in TF32 (train.tf32)");
+        }
+        o
+    };
+    if tf32 && d == "cpu" {
+        eprintln!("note: train.tf32 has no effect on the CPU backend");
+    }
     match d.as_str() {
         "cpu" => Ok(Device::Cpu(CpuBackend::new())),
         "auto" => {
             let enabled = std::env::var(ENABLE_CUDA_ENV).map(|v| v == "1").unwrap_or(false);
             let why = if enabled {
-                match cuda::CudaBackend::new(0).map(|g| { let on = deterministic || g.is_deterministic(); g.with_deterministic(on) }) {
+                match start(0) {
                     Ok(gpu) => {
                         eprintln!("device: {} ({ENABLE_CUDA_ENV}=1; note: the CUDA kernels have not been validated on a \
-                                   GPU yet; compare against --device cpu){}", gpu.name(),
-                                  if gpu.is_deterministic() { ", deterministic embedding backward" } else { "" });
+                                   GPU yet; compare against --device cpu){}", gpu.name(), options(&gpu));
                         return Ok(Device::Cuda(Box::new(gpu)));
                     }
                     Err(e) => format!("{ENABLE_CUDA_ENV}=1 but the CUDA backend did not start: {e}"),
@@ -222,10 +240,10 @@ fn choose_device(device: &str, deterministic: bool) -> Result<Device> {
                 Some(n) => n.parse().with_context(|| format!("--device {device}: bad GPU ordinal"))?,
                 None => 0,
             };
-            match cuda::CudaBackend::new(n).map(|g| { let on = deterministic || g.is_deterministic(); g.with_deterministic(on) }) {
+            match start(n) {
                 Ok(gpu) => {
                     eprintln!("device: {} (note: the CUDA kernels have not been validated on a GPU yet){}", gpu.name(),
-                              if gpu.is_deterministic() { "; deterministic embedding backward" } else { "" });
+                              options(&gpu));
                     Ok(Device::Cuda(Box::new(gpu)))
                 }
                 Err(e) => bail!("--device {device}: {e}"),
@@ -327,7 +345,7 @@ fn train(args: TrainArgs) -> Result<()> {
             cfg
         }
     };
-    let device = choose_device(&args.device, cfg.train.deterministic)?;
+    let device = choose_device(&args.device, cfg.train.deterministic, cfg.train.tf32)?;
     let data = PreparedData::from_config(&cfg)?;
     let (out, mut run) = match &resumed {
         Some((dir, _, metrics_bytes)) => {
@@ -463,7 +481,7 @@ fn ablation(args: AblationArgs) -> Result<()> {
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting the thread count")?;
     }
-    let device = choose_device(&args.device, cfg.train.deterministic)?;
+    let device = choose_device(&args.device, cfg.train.deterministic, cfg.train.tf32)?;
     let data = PreparedData::from_config(&cfg)?;
     let out = args.out.clone().unwrap_or_else(|| default_run_dir(&format!("ablation-{}", data.dataset.name)));
     let rows = device.run(AblationJob { cfg: &cfg, data: &data, seeds: args.seeds, out: &out, only: &args.only })?;

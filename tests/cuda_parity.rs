@@ -442,6 +442,40 @@ fn optimizer_ops<B: Backend>(b: &B) -> Outputs {
 fn gemm_parity() {
     parity!("gemm", gemm_ops);
 }
+/// `train.tf32`: with TF32 math, cuBLAS rounds the inputs to 10 mantissa bits (unit roundoff 2⁻¹¹ ≈ 4.9e-4)
+/// and accumulates in f32 — within 3e-3 relative of the CPU's f32 product at k = 256, and not equal to the
+/// GPU's own f32 product (the mode took effect); switched back off, the products are f32 again (RED).
+#[test]
+fn gemm_in_tf32_is_close_to_f32_and_switches_off() {
+    let Some(g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let (m, n, k) = (300usize, 257usize, 256usize);
+    let mut rng = Rng::new(777);
+    let (a, bm) = (rand(&mut rng, m * k), rand(&mut rng, k * n));
+    let on_cpu = {
+        let mut out = c.zeros(m * n);
+        c.gemm(1, m, n, k, 1.0, &c.from_host(&a), false, &c.from_host(&bm), false, 0.0, &mut out);
+        out
+    };
+    let run = |g: &CudaBackend| {
+        let mut out = g.zeros(m * n);
+        g.gemm(1, m, n, k, 1.0, &g.from_host(&a), false, &g.from_host(&bm), false, 0.0, &mut out);
+        g.to_host(&out)
+    };
+    let g = g.with_tf32(true);
+    let tf32 = run(&g);
+    let g = g.with_tf32(false);
+    let f32 = run(&g);
+    let rel = |x: &[f32]| {
+        let num: f64 = x.iter().zip(&on_cpu).map(|(a, b)| ((*a as f64) - (*b as f64)).powi(2)).sum::<f64>().sqrt();
+        num / on_cpu.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()
+    };
+    println!("gemm {m}x{n}x{k}: TF32 relative error {:.2e}, f32 {:.2e}", rel(&tf32), rel(&f32));
+    assert!(rel(&tf32) <= 3e-3, "TF32 product off by {:.2e}", rel(&tf32));
+    assert!(rel(&f32) <= RED, "f32 product off by {:.2e}", rel(&f32));
+    assert_ne!(tf32, f32, "train.tf32 changed nothing: cuBLAS did not use TF32");
+}
+
 #[test]
 fn optimizer_and_reduction_parity() {
     parity!("optimizer", optimizer_ops);

@@ -49,6 +49,8 @@ pub struct CudaBackend {
     /// without float atomics: a device-built CSR summed in position order, bit-identical to the CPU twin and
     /// from run to run. Off by default (the atomic version is faster); see [`CudaBackend::with_deterministic`].
     deterministic: bool,
+    /// cuBLAS in TF32 tensor-core math ([`CudaBackend::with_tf32`]); off by default.
+    tf32: bool,
     /// Kernel launches so far (NVRTC kernels and cuBLAS calls): the step benchmark reports kernels per step
     /// (mission.md §9: launches are the small model's enemy).
     launches: AtomicU64,
@@ -160,7 +162,7 @@ impl CudaBackend {
                 }
             }
             let deterministic = std::env::var("UR4REC_CUDA_DETERMINISTIC").map(|v| v == "1").unwrap_or(false);
-            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs, deterministic, launches: AtomicU64::new(0),
+            Ok(CudaBackend { info: info.clone(), ctx, stream, blas, funcs, deterministic, tf32: false, launches: AtomicU64::new(0),
                             readbacks: AtomicU64::new(0) })
         }));
         panic::set_hook(prev);
@@ -183,6 +185,22 @@ impl CudaBackend {
 
     pub fn is_deterministic(&self) -> bool {
         self.deterministic
+    }
+
+    /// cuBLAS's math mode for the plain matrix products (`train.tf32`): TF32 tensor-core math (inputs rounded
+    /// to 10 mantissa bits, f32 accumulation) when on, the default full-f32 math when off (the default).
+    pub fn with_tf32(mut self, on: bool) -> Self {
+        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+        let mode = if on { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
+        // SAFETY: the handle is this backend's live cuBLAS handle; the call only sets a mode on it.
+        let status = unsafe { cublasSetMathMode(*self.blas.handle(), mode) };
+        assert_eq!(status, cublasStatus_t::CUBLAS_STATUS_SUCCESS, "CUDA backend: cublasSetMathMode({mode:?}) failed");
+        self.tf32 = on;
+        self
+    }
+
+    pub fn is_tf32(&self) -> bool {
+        self.tf32
     }
 
     /// The stream every op is queued on (benchmarks time it with events).
