@@ -179,3 +179,60 @@ impl<B: Backend> StepLog<B> {
         backend.idx_to_host(&self.counts)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::params::{Init, ParamBuilder};
+    use crate::rng::Rng;
+
+    /// Steps logged and read in windows of 3, with the trainable set changing and a NaN step in the middle:
+    /// the refused step moves nothing, AdamW's device counts equal the host's after each read, each read step
+    /// carries its own losses and sums, and the weights equal those of steps read one by one.
+    #[test]
+    fn windows_of_steps_read_back_in_order_and_match_reading_each_step() {
+        let be = CpuBackend::new();
+        let build = || {
+            let mut rng = Rng::new(5);
+            let mut b = ParamBuilder::new();
+            b.add("g0", "a", &[3], Init::Values(vec![0.5, -1.0, 2.0]), &mut rng);
+            b.add("g1", "b", &[2], Init::Values(vec![1.0, 1.5]), &mut rng);
+            b.add("g0", "c", &[1], Init::Values(vec![-0.25]), &mut rng);
+            b.build(&be)
+        };
+        // Step 4 has a NaN in b's gradient (element 3).
+        let grads = |step: usize| -> Vec<f32> {
+            (0..6).map(|i| if step == 4 && i == 3 { f32::NAN } else { ((step * 7 + i * 3) % 5) as f32 * 0.3 - 0.6 }).collect()
+        };
+        let run = |window: usize| {
+            let mut store = build();
+            let mut opt = AdamW::new(3, 0.9, 0.999, 1e-8, 0.01);
+            let mut log = StepLog::new(&be, &store, &opt, window);
+            let mut reads = Vec::new();
+            for step in 0..9 {
+                // Group g1 is frozen on steps 2 and 3 (a trainable set that changes within a window).
+                store.set_group_trainable(1, !(2..4).contains(&step));
+                store.grads = grads(step);
+                let loss = be.from_host(&[step as f32]);
+                log.step(&be, &mut store, &opt, &[0.1, 0.05], 1.0, &[&loss], 0);
+                if log.is_full() || step == 8 {
+                    reads.extend(log.read(&be, &mut opt));
+                    assert_eq!(log.counts_on_device(&be), opt.steps.iter().map(|&s| s as u32).collect::<Vec<_>>());
+                }
+            }
+            (store.values, store.m, store.v, opt.steps, reads)
+        };
+        let (values, m, v, steps, reads) = run(3);
+        assert_eq!(reads.len(), 9);
+        for (step, r) in reads.iter().enumerate() {
+            assert_eq!(r.losses, vec![step as f32], "step {step}'s row");
+            assert_eq!(r.ok, step != 4, "step {step}'s verdict");
+            let frozen = (2..4).contains(&step);
+            assert_eq!(r.params, if frozen { vec![0, 2] } else { vec![0, 1, 2] }, "step {step}'s stepped parameters");
+        }
+        // a and c stepped on the 8 good steps; b on the 6 good steps it was trainable.
+        assert_eq!(steps, vec![8, 6, 8]);
+        assert_eq!((values, m, v, steps), { let r = run(1); (r.0, r.1, r.2, r.3) }, "reading every step changes nothing");
+    }
+}
