@@ -103,13 +103,13 @@ if [ "$BUILD" = ok ]; then
     run cuda_training 90 cargo test --release --test cuda_training -- --nocapture --test-threads 1
     run nvrtc_compile 60 cargo test --release --test nvrtc_compile -- --nocapture
     run kernels 100 cargo bench --bench kernels
-    run step 120 cargo bench --bench step
+    run step 150 cargo bench --bench step
   else
     run cuda_parity 90 "$BIN/cuda_parity" --nocapture
     run cuda_training 90 "$BIN/cuda_training" --nocapture --test-threads 1
     run nvrtc_compile 60 "$BIN/nvrtc_compile" --nocapture
     run kernels 100 "$BIN/kernels" --bench
-    run step 120 "$BIN/step" --bench
+    run step 150 "$BIN/step" --bench
   fi
 fi
 
@@ -132,7 +132,7 @@ printf '%-14s rc=%-4s passed=%-4s failed=%-4s %s\n' cuda_parity "$RC_cuda_parity
 grep -E '^test .* FAILED|relative error' "$LOG/cuda_parity.log" 2>/dev/null | head -20
 read -r tp tf < <(counts cuda_training)
 printf '%-14s rc=%-4s passed=%-4s failed=%-4s\n' cuda_training "$RC_cuda_training" "$tp" "$tf"
-grep -E '^test .* FAILED|relative error|Hit@10 cpu|device memory' "$LOG/cuda_training.log" 2>/dev/null | head -24
+grep -E '^test .* FAILED|relative error|Hit@10 cpu|device memory|device-to-host reads' "$LOG/cuda_training.log" 2>/dev/null | head -24
 read -r np nf < <(counts nvrtc_compile)
 printf '%-14s rc=%-4s passed=%-4s failed=%-4s %s\n' nvrtc_compile "$RC_nvrtc_compile" "$np" "$nf" \
   "$(grep -m1 -o 'skipped: libnvrtc not found' "$LOG/nvrtc_compile.log" 2>/dev/null)"
