@@ -10,8 +10,8 @@
 //! `BENCH_GPU_STEPS` (default 20) timed steps, wall clock with a device synchronisation at the end.
 //! GPU only, two more rows: UR4Rec at batch 256 with the reference memory bank (65,536 slots) stored in f32
 //! and in bf16 (`ur4rec.bank_format`), with the item tables read as bf16 in the second (`train.table_format`):
-//! the speed effect of 16-bit storage; and both models at batch 32 and 256 with the step log read every 10 steps
-//! instead of every step (`train.log_every`, `train::step_log`): the cost of one host synchronisation a step;
+//! the speed effect of 16-bit storage; both models at batch 32 and 256 with the step log read after every step
+//! instead of every 16 (`train.readback_every`, `train::step_log`): the cost of one host synchronisation a step;
 //! and both models at batch 256 with cuBLAS in TF32 (`train.tf32`).
 //! Run: `cargo bench --bench step`.
 use std::time::Instant;
@@ -95,7 +95,7 @@ fn sasrec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
             launches0 = (dev.launches)();
             seqs = 0;
         }
-        // The trainer's step, its numbers read back once per `train.log_every` steps as the trainer reads them.
+        // The trainer's step, its numbers read back once per `train.readback_every` steps as the trainer reads them.
         let (sequences, _) = sasrec_submit(be, cfg, &model, &mut store, &opt, &mut log, data, &batch_users(s, bsz, n), &mut rng,
                                            s, 1e-3).expect("sasrec step").expect("a non-empty batch");
         if log.is_full() || s + 1 == warm + steps {
@@ -124,7 +124,7 @@ fn ur4rec_rate<B: Backend>(be: &B, cfg: &Config, data: &PreparedData, bsz: usize
         }
         let users = batch_users(s, bsz, n);
         // The trainer's own step: losses, backward, the non-finite guard, AdamW and the memory-bank enqueue,
-        // read back once per `train.log_every` steps as the trainer reads them.
+        // read back once per `train.readback_every` steps as the trainer reads them.
         assert!(tr.submit_step(4, &users, &lrs).expect("UR4Rec step"), "a non-empty batch");
         if tr.log_full() || s + 1 == warm + steps {
             for (step, r) in tr.collect() {
@@ -191,16 +191,16 @@ fn main() {
             println!("{:<8} {:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   bank 65,536 slots, bank and tables {}", "ur4rec", 256,
                      "-", r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step, format.name());
         }
-        // The rows above read the step log after every step (log_every = 1, one host synchronisation a step);
-        // the trainer reads it once per `train.log_every` steps. The cost of that synchronisation:
+        // The rows above read the step log as the trainer does by default (every 16 steps); reading it after
+        // every step (one host synchronisation a step) costs:
         for (model, bsz) in [("sasrec", 32usize), ("sasrec", 256), ("ur4rec", 32), ("ur4rec", 256)] {
             let mut c = cfg.clone();
-            c.train.log_every = 10;
+            c.train.readback_every = 1;
             let r = match model {
                 "sasrec" => sasrec_rate(g, &c, &data, bsz, 3, gpu_steps, &on_gpu),
                 _ => ur4rec_rate(g, &c, &data, bsz, 3, gpu_steps, &on_gpu),
             };
-            println!("{model:<8} {bsz:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   step log read every 10 steps", "-",
+            println!("{model:<8} {bsz:>6} {:>12} {:>12.1} {:>9} {:>12.2} {:>14.0}   step log read after every step", "-",
                      r.seqs_per_s, "-", r.ms_per_step, r.kernels_per_step);
         }
     }

@@ -99,10 +99,14 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Stop after this many evaluations without a better validation NDCG@10 (0 = never).
     pub patience: usize,
-    /// Write a metrics line every this many steps (1: every step; 0: none). Also how often the trainers read
-    /// the device-side step log (losses, gradient norms, skipped steps; `train::step_log`): once per this many
-    /// steps (at most every 1,024; every 64 when 0), and before every evaluation and checkpoint.
+    /// Write a metrics line every this many steps (1: every step; 0: none).
     pub log_every: usize,
+    /// Steps between two reads of the device-side step log (`train::step_log`: losses, gradient norms,
+    /// skipped steps; on the GPU each read is a host synchronisation, so a step reads nothing back). 0: at
+    /// least 16 steps and at least `log_every`; at most 1,024. The logs are read before every evaluation and
+    /// checkpoint too, and the interval changes no result (tests/reliability.rs) — only how soon records and
+    /// skipped-step reports appear.
+    pub readback_every: usize,
     /// A step whose loss or gradient is non-finite is skipped (no optimizer update) and logged; this many
     /// consecutive skipped steps stop the run with an error (see `train::guard`).
     pub max_bad_steps: usize,
@@ -130,12 +134,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// Steps between two reads of the step log (see `log_every`).
+    /// Steps between two reads of the step log (see `readback_every`).
     pub fn readback_interval(&self) -> usize {
-        match self.log_every {
-            0 => 64,
-            n => n.min(1024),
-        }
+        let n = match (self.readback_every, self.log_every) {
+            (0, 0) => 64,
+            (0, log) => log.max(16),
+            (n, _) => n,
+        };
+        n.min(1024)
     }
 
     /// Whether the testing aids `inject_nan_*` poison the loss at global step `step`.
@@ -148,7 +154,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig { epochs: 20, batch_size: 128, objective: Objective::EveryPosition, negatives: 5, lr: 1e-3,
                       weight_decay: 1e-5, beta1: 0.9, beta2: 0.999, adam_eps: 1e-8, schedule: Schedule::WarmupCosine,
-                      warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 1,
+                      warmup_steps: 100, clip_norm: 1.0, eval_every: 1, patience: 5, log_every: 1, readback_every: 0,
                       max_bad_steps: 10, checkpoint_every: 500, deterministic: false, tf32: false,
                       table_format: crate::backend::StoreFormat::F32, inject_nan_at_step: None, inject_nan_from_step: None }
     }

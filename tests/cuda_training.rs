@@ -172,13 +172,13 @@ fn gpu_memory_after_1000_steps_equals_memory_after_10() {
 }
 
 /// Issue #4 item 3: training reads nothing back per step. 30 UR4Rec steps submitted as the trainer submits
-/// them, the step log read once per `train.log_every` = 10 steps: exactly 3 device-to-host reads (each a
+/// them, the step log read once per `train.readback_every` = 10 steps: exactly 3 device-to-host reads (each a
 /// host synchronisation), and a read-back loss for every step.
 #[test]
 fn training_reads_back_once_per_logging_interval() {
     let Some(g) = gpu_or_skip() else { return };
     let mut cfg = ur4rec_cfg();
-    cfg.train.log_every = 10;
+    cfg.train.readback_every = 10;
     let data = ur4rec_data(&cfg);
     let mut tr = Trainer::new(&g, &cfg, &data).unwrap();
     tr.set_stage_trainable(4, ur4rec_engine::train::strategies::Module::Sasrec);

@@ -87,7 +87,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// 16-bit storage (bf16 or f16 bits) of stored-only tensors; see [`stored`].
     type Half: Send + Sync;
     /// f64 storage of the step log (`train::step_log`): per step, the gradient sums, the loss values, the
-    /// verdict and the clip scales, read back once per logging interval.
+    /// verdict and the clip scales, read back once per `train.readback_every` steps.
     type Wide: Send + Sync;
 
     fn name(&self) -> String;
@@ -103,7 +103,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn half_to_host(&self, x: &Self::Half) -> Vec<u16>;
     fn wide_zeros(&self, n: usize) -> Self::Wide;
     fn wide_from_host(&self, x: &[f64]) -> Self::Wide;
-    /// On the GPU: the step log's readback, the trainers' one host synchronisation per logging interval.
+    /// On the GPU: the step log's readback, the trainers' one host synchronisation per reading interval.
     fn wide_to_host(&self, x: &Self::Wide) -> Vec<f64>;
     fn len(&self, x: &Self::Buf) -> usize;
     /// A copy of `src[offset .. offset + len]`.
@@ -144,7 +144,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
     /// Writes one step-log row from `log[at]` on: [`Backend::sum_squares`] of each segment of `x` (each
     /// summed exactly as `sum_squares` sums it; one pass over all segments), then each 1-element `scalars`
-    /// buffer widened to f64. Nothing is read back: the trainers read the log once per logging interval.
+    /// buffer widened to f64. Nothing is read back: the trainers read the log once per `train.readback_every` steps.
     fn record_step(&self, log: &mut Self::Wide, at: usize, x: &Self::Buf, segs: &Segments<Self>, scalars: &[&Self::Buf]);
     /// The step's verdict, on the row at `log[at]` that [`Backend::record_step`] wrote: it may update iff the
     /// checked loss and every gradient sum are finite (written 1/0 at `ok_at`); each group's clip scale

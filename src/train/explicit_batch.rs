@@ -202,7 +202,7 @@ impl<B: Backend> BankEnqueue<B> {
 }
 
 /// The loss terms' tape variables. The step records their values in the device-side step log
-/// (`train::step_log`) with the gradient sums; the host reads them once per logging interval.
+/// (`train::step_log`) with the gradient sums; the host reads them once per `train.readback_every` steps.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LossTerms {
     pub total: Option<Var>,

@@ -6,7 +6,7 @@
 //! non-finite). The check runs on the device (`train::step_log`: the verdict gates the AdamW update and the
 //! memory-bank enqueue), so a bad step changes nothing — no AdamW update, so weights, moments and the
 //! per-parameter step counts stay exactly as they were. The host learns of it when it next reads the step
-//! log (once per logging interval) and reports it, with its step number and the first bad loss term or
+//! log (every `train.readback_every` steps) and reports it, with its step number and the first bad loss term or
 //! parameter, on stderr and as a `{"kind":"nonfinite", ...}` record in `metrics.jsonl`. Only a run of `train.max_bad_steps` consecutive bad steps is fatal —
 //! one bad batch (an overflow, a degenerate Gram matrix) should not cost a long run, but a model that
 //! has diverged should not spin forever either. Checkpoints are written only from weights that

@@ -15,11 +15,12 @@
 //! update each cover every trainable parameter in one pass (`backend::Segments`: on the GPU, two launches
 //! for all the sums and one for all of AdamW, where a launch or two per parameter tensor was the rule).
 //!
-//! The host reads the whole log once per logging interval ([`StepLog::read`]: one synchronisation) and then
-//! does what needs the numbers: the guard's report of a skipped step (with its step number and tensor), the
-//! step records of `metrics.jsonl`, the epoch's mean loss, and AdamW's host copy of the step counts (for
-//! checkpoints). The device computes the same whatever the interval, so a run with `train.log_every = 50`
-//! gives the same weights, bit for bit, as one reading every step (`tests/reliability.rs`).
+//! The host reads the whole log once per `train.readback_every` steps (by default every 16 steps, or every
+//! `train.log_every` if longer: [`StepLog::read`], one synchronisation) and then does what needs the numbers:
+//! the guard's report of a skipped step (with its step number and tensor), the step records of
+//! `metrics.jsonl` in step order, the epoch's mean loss, and AdamW's host copy of the step counts (for
+//! checkpoints). The device computes the same whatever the interval, so reading every 5 steps gives the same
+//! weights and the same `metrics.jsonl`, bit for bit, as reading every step (`tests/reliability.rs`).
 use crate::backend::{AdamWGate, AdamWHyper, Backend, Segment, Segments, VerdictLayout};
 use crate::params::ParamStore;
 use crate::train::guard::NonFinite;

@@ -600,7 +600,14 @@ pub fn train_ur4rec<B: Backend>(backend: &B, cfg: &Config, data: &PreparedData, 
                     tr.set_stage_trainable(3, active);
                 }
                 if progressive {
-                    for ev in tr.unfreeze.due(stage_step) {
+                    let due = tr.unfreeze.due(stage_step);
+                    if !due.is_empty() {
+                        // The steps before it are written to the log first, so the records keep step order
+                        // whatever the reading interval.
+                        absorb(&mut tr, &mut waiting, &mut p, &mut guard, rs.run, &bar, cfg, stage)
+                            .inspect_err(|_| bar.finish_and_clear())?;
+                    }
+                    for ev in due {
                         for prefix in &ev.prefixes {
                             tr.store.set_prefix_trainable(prefix, true);
                         }

@@ -54,7 +54,7 @@ pub struct CudaBackend {
     /// Kernel launches so far (NVRTC kernels and cuBLAS calls): the step benchmark reports kernels per step
     /// (mission.md §9: launches are the small model's enemy).
     launches: AtomicU64,
-    /// Device-to-host reads so far, each a host synchronisation: training reads once per logging interval
+    /// Device-to-host reads so far, each a host synchronisation: training reads once per `train.readback_every` steps
     /// (`train::step_log`; tests/cuda_training.rs counts them).
     readbacks: AtomicU64,
 }
