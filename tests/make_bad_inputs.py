@@ -173,6 +173,7 @@ files = {
     "resume-moment-wrong-shape.safetensors": resume(replace=("adam_m/w", "F32", [3, 2], f32(*[0.01] * 6))),
     "resume-steps-wrong-dtype.safetensors": resume(replace=("adam_steps", "U32", [2], struct.pack("<2I", 7, 7))),
     "resume-trainable-flag-2.safetensors": resume(replace=("trainable", "U8", [2], bytes([2, 1]))),
+    "resume-steps-beyond-u32.safetensors": resume(replace=("adam_steps", "U64", [2], struct.pack("<2Q", 1 << 32, 7))),
     "resume-order-not-permutation.safetensors": resume(replace=("order", "U32", [5], struct.pack("<5I", 0, 0, 1, 2, 3))),
     "resume-order-out-of-range.safetensors": resume(replace=("order", "U32", [5], struct.pack("<5I", 0, 1, 2, 3, 99))),
     # --- TOML configuration (config::Config::from_file) ---

@@ -244,6 +244,10 @@ impl ResumeFile {
             }
         }
         opt.steps = self.u64("adam_steps", store.infos.len())?;
+        // The device keeps the counts as u32 (train::step_log): 2^32 steps is beyond any run.
+        if let Some((p, s)) = store.infos.iter().zip(&opt.steps).find(|(_, &s)| s > u32::MAX as u64) {
+            bail!("{}: tensor \"adam_steps\": step count {s} of parameter {:?} is beyond 2^32 - 1", self.file(), p.name);
+        }
         let flags = self.u8("trainable", store.infos.len())?;
         for (p, &f) in store.infos.iter_mut().zip(&flags) {
             if f > 1 {
