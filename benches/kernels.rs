@@ -199,7 +199,7 @@ fn bench_all<B: Timed>(b: &B, ceil: (f64, f64), cpu: bool) {
         let hp = AdamWHyper { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
         // One segment of 2M, as an accepted step (verdict 1, clip scale 1) at step count 1 gates it.
         let segs = Segments::new(b, vec![Segment { offset: 0, len: n, group: 0, param: 0, weight_decay: 0.01 }]);
-        let (log, counts, lrs) = (b.wide_from_host(&[1.0, 1.0]), b.idx_from_host(&[0]), b.from_host(&[1e-3]));
+        let (log, counts, lrs) = (b.wide_from_host(&[1.0, 1.0]), b.idx_from_host(&[0]), [1e-3f32]);
         let gate = AdamWGate { log: &log, ok_at: 0, scales_at: 1, counts: &counts };
         let secs = b.median_secs(&mut || b.adamw(&mut p, &g, &mut m, &mut v, &segs, &hp, &lrs, &gate));
         // p, m, v read and written, g read; ~15 FLOP per element (not the binding term).

@@ -19,12 +19,15 @@ __device__ float bias_correction(float beta, unsigned long long t) {
 }
 
 // Every segment of the flat buffers in one launch (one block per (segment, block of the segment)): segment s
-// at lrs[s.group], its group's clip scale row[scales_at + s.group], its step count counts[s.param] + 1.
+// at learning rate lr<s.group> (up to 8 groups, passed as arguments: MAX_LR_GROUPS in src/backend/mod.rs),
+// its group's clip scale row[scales_at + s.group], its step count counts[s.param] + 1.
 // row[ok_at] is the step's verdict: 0 skips the update.
 extern "C" __global__ void adamw_segments_f32(float* p, const float* g, float* m, float* v, const unsigned int* segs,
-                                              unsigned int nsegs, const float* lrs, float beta1, float beta2, float eps,
+                                              unsigned int nsegs, float beta1, float beta2, float eps,
                                               const double* row, unsigned int ok_at, unsigned int scales_at,
-                                              const unsigned int* counts) {
+                                              const unsigned int* counts, float lr0, float lr1, float lr2, float lr3,
+                                              float lr4, float lr5, float lr6, float lr7) {
+    const float lrs[8] = {lr0, lr1, lr2, lr3, lr4, lr5, lr6, lr7};
     if (row[ok_at] == 0.0) return;
     const Seg sg = segment_of_block(segs, nsegs, blockIdx.x);
     const float grad_scale = (float)row[scales_at + sg.group];

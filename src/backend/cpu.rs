@@ -330,7 +330,8 @@ impl Backend for CpuBackend {
     }
 
     fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, segs: &Segments<Self>,
-             hp: &AdamWHyper, lrs: &Vec<f32>, gate: &AdamWGate<Self>) {
+             hp: &AdamWHyper, lrs: &[f32], gate: &AdamWGate<Self>) {
+        assert!(lrs.len() <= super::MAX_LR_GROUPS, "adamw: {} learning rates, at most {}", lrs.len(), super::MAX_LR_GROUPS);
         if gate.log[gate.ok_at] == 0.0 {
             return;
         }

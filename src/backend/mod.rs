@@ -50,6 +50,9 @@ pub struct AdamWGate<'a, B: Backend> {
     pub counts: &'a B::Idx,
 }
 
+/// The most parameter groups (learning rates) one [`Backend::adamw`] pass takes; UR4Rec has 4.
+pub const MAX_LR_GROUPS: usize = 8;
+
 /// Where [`Backend::step_verdict`] reads and writes in a step-log row (offsets from the row's start).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct VerdictLayout {
@@ -136,12 +139,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     // ---- optimizer -------------------------------------------------------------------------------
     /// `Σ x[offset .. offset + len]²` (gradient-norm clipping), accumulated in f64.
     fn sum_squares(&self, x: &Self::Buf, offset: usize, len: usize) -> f64;
-    /// [`Backend::sum_squares`] of each `(offset, len)` range, each summed exactly as `sum_squares` sums it.
-    /// One host read for all of them on the GPU (the per-step gradient check and clipping need every
-    /// parameter's sum; reading them one by one was a synchronisation per parameter).
-    fn sum_squares_many(&self, x: &Self::Buf, ranges: &[(usize, usize)]) -> Vec<f64> {
-        ranges.iter().map(|&(offset, len)| self.sum_squares(x, offset, len)).collect()
-    }
     /// Writes one step-log row from `log[at]` on: [`Backend::sum_squares`] of each segment of `x` (each
     /// summed exactly as `sum_squares` sums it; one pass over all segments), then each 1-element `scalars`
     /// buffer widened to f64. Nothing is read back: the trainers read the log once per `train.readback_every` steps.
@@ -152,11 +149,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// added in row order, goes to `scales_at + group`. `groups[j]` is the group of sum `j`.
     fn step_verdict(&self, log: &mut Self::Wide, at: usize, layout: &VerdictLayout, groups: &Self::Idx, clip: f32);
     /// One fused AdamW update of every segment of the flat buffers (decoupled weight decay; see
-    /// `train::optim`), segment `s` at learning rate `lrs[s.group]`, if the step's verdict allows it
-    /// ([`AdamWGate`]). One launch on the GPU.
+    /// `train::optim`), segment `s` at learning rate `lrs[s.group]` (at most [`MAX_LR_GROUPS`] groups: on the
+    /// GPU they travel as kernel arguments, so a step uploads nothing for them), if the step's verdict allows
+    /// it ([`AdamWGate`]). One launch on the GPU.
     #[allow(clippy::too_many_arguments)]
     fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, segs: &Segments<Self>,
-             hp: &AdamWHyper, lrs: &Self::Buf, gate: &AdamWGate<Self>);
+             hp: &AdamWHyper, lrs: &[f32], gate: &AdamWGate<Self>);
     /// `counts[s.param] += 1` for every segment (distinct parameters), if `log[ok_at] != 0` — after the step's
     /// AdamW update, which read the counts.
     fn advance_steps(&self, counts: &mut Self::Idx, segs: &Segments<Self>, log: &Self::Wide, ok_at: usize);

@@ -55,27 +55,13 @@ pub fn check_losses(terms: &[(&str, f32)]) -> Option<NonFinite> {
         .map(|(name, v)| NonFinite { source: "loss", tensor: name.to_string(), group: None, value: *v as f64 })
 }
 
-/// Each parameter's gradient sum of squares (0 for a frozen parameter).
-pub fn grad_sum_squares<B: Backend>(backend: &B, store: &ParamStore<B>) -> Vec<f64> {
-    let trainable: Vec<usize> = (0..store.infos.len()).filter(|&i| store.infos[i].trainable).collect();
-    let ranges: Vec<(usize, usize)> = trainable.iter().map(|&i| (store.infos[i].offset, store.infos[i].len)).collect();
-    let mut sums = vec![0.0; store.infos.len()];
-    for (i, s) in trainable.into_iter().zip(backend.sum_squares_many(&store.grads, &ranges)) {
-        sums[i] = s;
-    }
-    sums
-}
-
-/// The first trainable parameter, in storage order, whose gradient sum of squares (from
-/// [`grad_sum_squares`]) is non-finite — its gradient holds a NaN or an Inf.
-pub fn first_non_finite<B: Backend>(store: &ParamStore<B>, sums: &[f64]) -> Option<NonFinite> {
-    store.infos.iter().zip(sums).find(|(p, s)| p.trainable && !s.is_finite())
-        .map(|(p, &s)| NonFinite { source: "grad", tensor: p.name.clone(), group: Some(store.groups[p.group].name.clone()), value: s })
-}
-
-/// The first trainable parameter whose gradient range holds a NaN or an Inf.
-pub fn check_grads<B: Backend>(backend: &B, store: &ParamStore<B>) -> Option<NonFinite> {
-    first_non_finite(store, &grad_sum_squares(backend, store))
+/// The first of `params` (the parameters a step updated, in storage order) whose gradient sum of squares
+/// (`sums[j]` for `params[j]`) is non-finite — its gradient holds a NaN or an Inf.
+pub fn first_non_finite<B: Backend>(store: &ParamStore<B>, params: &[usize], sums: &[f64]) -> Option<NonFinite> {
+    params.iter().zip(sums).find(|(_, s)| !s.is_finite()).map(|(&p, &s)| {
+        let info = &store.infos[p];
+        NonFinite { source: "grad", tensor: info.name.clone(), group: Some(store.groups[info.group].name.clone()), value: s }
+    })
 }
 
 /// Refuses to write a checkpoint from non-finite weights (the guard should make this impossible; this is
@@ -164,13 +150,17 @@ mod tests {
         b.add("g1", "g1.b", &[3], Init::Values(vec![1.0, 2.0, 3.0]), &mut rng);
         b.add("g1", "g1.c", &[1], Init::Values(vec![1.0]), &mut rng);
         let mut store = b.build(&be);
-        assert!(check_grads(&be, &store).is_none());
+        let sums = |store: &ParamStore<CpuBackend>| -> Vec<f64> {
+            store.infos.iter().map(|p| be.sum_squares(&store.grads, p.offset, p.len)).collect()
+        };
+        assert!(first_non_finite(&store, &[0, 1, 2], &sums(&store)).is_none());
         store.grads[3] = f32::INFINITY;
         store.grads[5] = f32::NAN;
-        let nf = check_grads(&be, &store).unwrap();
-        assert_eq!((nf.tensor.as_str(), nf.group.as_deref()), ("g1.b", Some("g1")));
-        // A frozen parameter's gradient is not the optimizer's business.
-        store.set_group_trainable(1, false);
-        assert!(check_grads(&be, &store).is_none());
+        let nf = first_non_finite(&store, &[0, 1, 2], &sums(&store)).unwrap();
+        assert_eq!((nf.tensor.as_str(), nf.group.as_deref(), nf.value), ("g1.b", Some("g1"), f64::INFINITY));
+        // Only the parameters the step updated count (a frozen one is not the optimizer's business).
+        let s = sums(&store);
+        assert!(first_non_finite(&store, &[0], &s[..1]).is_none());
+        assert_eq!(first_non_finite(&store, &[0, 2], &[s[0], s[2]]).unwrap().tensor, "g1.c");
     }
 }

@@ -23,8 +23,11 @@
 //! weights and the same `metrics.jsonl`, bit for bit, as reading every step (`tests/reliability.rs`).
 use crate::backend::{AdamWGate, AdamWHyper, Backend, Segment, Segments, VerdictLayout};
 use crate::params::ParamStore;
-use crate::train::guard::NonFinite;
+use crate::train::guard::{self, NonFinite};
 use crate::train::optim::AdamW;
+
+/// Trainable sets whose device tables a log keeps.
+const TRAINABLE_SETS: usize = 4;
 
 /// The most loss values a row holds (UR4Rec's total and six terms).
 pub const MAX_LOSSES: usize = 7;
@@ -39,9 +42,10 @@ pub struct StepLog<B: Backend> {
     /// AdamW's step count of every parameter (the device copy; `AdamW::steps` is the host's, brought up to
     /// date by [`StepLog::read`]).
     counts: B::Idx,
-    /// The stepped parameters of the last step, their groups on the device and their segments (reused while
-    /// the trainable set does not change, so a step uploads only its learning rates).
-    stepped: Option<(Vec<usize>, B::Idx, Segments<B>)>,
+    /// Per trainable set seen (stage 3's parity alternation switches between two every step; unfreezing adds a
+    /// few): the stepped parameters, their groups on the device and their segments — uploaded once, so a step
+    /// uploads nothing for them. Most recently used last; at most [`TRAINABLE_SETS`].
+    stepped: Vec<(Vec<usize>, B::Idx, Segments<B>)>,
     pending: Vec<Pending>,
 }
 
@@ -71,10 +75,7 @@ pub struct StepRead {
 impl StepRead {
     /// The first stepped parameter, in storage order, whose gradient holds a NaN or an Inf.
     pub fn first_bad_gradient<B: Backend>(&self, store: &ParamStore<B>) -> Option<NonFinite> {
-        self.params.iter().zip(&self.sums).find(|(_, s)| !s.is_finite()).map(|(&p, &s)| {
-            let info = &store.infos[p];
-            NonFinite { source: "grad", tensor: info.name.clone(), group: Some(store.groups[info.group].name.clone()), value: s }
-        })
+        guard::first_non_finite(store, &self.params, &self.sums)
     }
 }
 
@@ -89,7 +90,7 @@ impl<B: Backend> StepLog<B> {
             .map(|&s| u32::try_from(s).expect("an AdamW step count beyond 2^32 steps"))
             .collect();
         StepLog { rows: backend.wide_zeros(capacity * width), capacity, width, groups, counts: backend.idx_from_host(&counts),
-                  stepped: None, pending: Vec::new() }
+                  stepped: Vec::new(), pending: Vec::new() }
     }
 
     /// Steps applied and not read yet.
@@ -115,16 +116,25 @@ impl<B: Backend> StepLog<B> {
         let row = self.pending.len();
         let at = row * self.width;
         let params: Vec<usize> = (0..store.infos.len()).filter(|&i| store.infos[i].trainable).collect();
-        if self.stepped.as_ref().is_none_or(|(p, _, _)| *p != params) {
-            let groups: Vec<u32> = params.iter().map(|&i| store.infos[i].group as u32).collect();
-            let segs = params.iter().map(|&i| {
-                let p = &store.infos[i];
-                Segment { offset: p.offset, len: p.len, group: p.group, param: i,
-                          weight_decay: if p.decay { opt.weight_decay } else { 0.0 } }
-            }).collect();
-            self.stepped = Some((params.clone(), backend.idx_from_host(&groups), Segments::new(backend, segs)));
+        match self.stepped.iter().position(|(p, _, _)| *p == params) {
+            Some(i) => {
+                let hit = self.stepped.remove(i);
+                self.stepped.push(hit);
+            }
+            None => {
+                let groups: Vec<u32> = params.iter().map(|&i| store.infos[i].group as u32).collect();
+                let segs = params.iter().map(|&i| {
+                    let p = &store.infos[i];
+                    Segment { offset: p.offset, len: p.len, group: p.group, param: i,
+                              weight_decay: if p.decay { opt.weight_decay } else { 0.0 } }
+                }).collect();
+                if self.stepped.len() == TRAINABLE_SETS {
+                    self.stepped.remove(0);
+                }
+                self.stepped.push((params.clone(), backend.idx_from_host(&groups), Segments::new(backend, segs)));
+            }
         }
-        let (_, groups_dev, segs) = self.stepped.as_ref().expect("set above");
+        let (_, groups_dev, segs) = self.stepped.last().expect("set above");
         backend.record_step(&mut self.rows, at, &store.grads, segs, losses);
         let n = params.len();
         let layout = VerdictLayout { sums: n, checked_at: n + checked, ok_at: n + losses.len(),
@@ -132,7 +142,7 @@ impl<B: Backend> StepLog<B> {
         backend.step_verdict(&mut self.rows, at, &layout, groups_dev, clip);
         let hp = AdamWHyper { beta1: opt.beta1, beta2: opt.beta2, eps: opt.eps };
         let gate = AdamWGate { log: &self.rows, ok_at: at + layout.ok_at, scales_at: at + layout.scales_at, counts: &self.counts };
-        backend.adamw(&mut store.values, &store.grads, &mut store.m, &mut store.v, segs, &hp, &backend.from_host(lrs), &gate);
+        backend.adamw(&mut store.values, &store.grads, &mut store.m, &mut store.v, segs, &hp, lrs, &gate);
         backend.advance_steps(&mut self.counts, segs, &self.rows, at + layout.ok_at);
         let groups = params.iter().map(|&i| store.infos[i].group).collect();
         self.pending.push(Pending { params, groups, losses: losses.len() });

@@ -10,10 +10,10 @@
 //! shapes the same way), so a driver error after a successful start panics with the kernel's name.
 use super::kernels::{self, KernelError};
 use super::{probe, CudaUnavailable, GpuInfo};
-use crate::backend::{AdamWGate, AdamWHyper, Backend, DropoutKey, Segments, SeqLayout, Stored, VerdictLayout};
+use crate::backend::{AdamWGate, AdamWHyper, Backend, MAX_LR_GROUPS, DropoutKey, Segments, SeqLayout, Stored, VerdictLayout};
 use crate::rng::counter_base;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::AtomicU64;
@@ -264,6 +264,12 @@ impl CudaBackend {
         check(self.stream.alloc_zeros::<f32>(n), "alloc")
     }
 
+    /// A device-to-host copy: a host synchronisation, counted in [`CudaBackend::readbacks`].
+    fn read_back<T: DeviceRepr, S: DevicePtr<T>>(&self, x: &S, what: &str) -> Vec<T> {
+        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        check(self.stream.clone_dtoh(x), what)
+    }
+
     fn alloc_f64(&self, n: usize) -> CudaSlice<f64> {
         check(self.stream.alloc_zeros::<f64>(n.max(1)), "alloc f64")
     }
@@ -356,8 +362,7 @@ impl Backend for CudaBackend {
         if x.is_empty() {
             return Vec::new();
         }
-        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        check(self.stream.clone_dtoh(x), "to_host")
+        self.read_back(x, "to_host")
     }
     fn idx_len(&self, x: &CudaSlice<u32>) -> usize {
         x.len()
@@ -366,11 +371,10 @@ impl Backend for CudaBackend {
         if x.is_empty() {
             return Vec::new();
         }
-        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        check(self.stream.clone_dtoh(x), "idx_to_host")
+        self.read_back(x, "idx_to_host")
     }
     fn wide_zeros(&self, n: usize) -> CudaSlice<f64> {
-        check(self.stream.alloc_zeros::<f64>(n.max(1)), "wide_zeros")
+        self.alloc_f64(n)
     }
     fn wide_from_host(&self, x: &[f64]) -> CudaSlice<f64> {
         if x.is_empty() {
@@ -379,8 +383,7 @@ impl Backend for CudaBackend {
         check(self.stream.clone_htod(x), "wide_from_host")
     }
     fn wide_to_host(&self, x: &CudaSlice<f64>) -> Vec<f64> {
-        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        check(self.stream.clone_dtoh(x), "wide_to_host")
+        self.read_back(x, "wide_to_host")
     }
     fn half_from_host(&self, bits: &[u16]) -> CudaSlice<u16> {
         if bits.is_empty() {
@@ -392,8 +395,7 @@ impl Backend for CudaBackend {
         if x.is_empty() {
             return Vec::new();
         }
-        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        check(self.stream.clone_dtoh(x), "half_to_host")
+        self.read_back(x, "half_to_host")
     }
     fn len(&self, x: &CudaSlice<f32>) -> usize {
         x.len()
@@ -509,8 +511,7 @@ impl Backend for CudaBackend {
         let np = g as u32;
         let cfg1 = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         launch!(self, "reduce_finish_f64", cfg1; &mut out, &partials, &np);
-        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        check(self.stream.clone_dtoh(&out), "sum_squares readback")[0]
+        self.read_back(&out, "sum_squares readback")[0]
     }
 
     fn record_step(&self, log: &mut CudaSlice<f64>, at: usize, x: &CudaSlice<f32>, segs: &Segments<Self>,
@@ -564,10 +565,13 @@ impl Backend for CudaBackend {
     }
 
     fn adamw(&self, p: &mut CudaSlice<f32>, g: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>,
-             segs: &Segments<Self>, hp: &AdamWHyper, lrs: &CudaSlice<f32>, gate: &AdamWGate<Self>) {
+             segs: &Segments<Self>, hp: &AdamWHyper, lrs: &[f32], gate: &AdamWGate<Self>) {
+        assert!(lrs.len() <= MAX_LR_GROUPS, "adamw: {} learning rates, at most {MAX_LR_GROUPS}", lrs.len());
         if segs.is_empty() {
             return;
         }
+        let mut lr = [0f32; MAX_LR_GROUPS];
+        lr[..lrs.len()].copy_from_slice(lrs);
         for (i, sg) in segs.host.iter().enumerate() {
             assert!(sg.offset + sg.len <= p.len(), "adamw: segment {i} out of bounds");
             assert!(sg.group < lrs.len() && gate.scales_at + sg.group < gate.log.len(), "adamw: segment {i}'s group");
@@ -577,8 +581,8 @@ impl Backend for CudaBackend {
         let (nsegs, ok_at, scales_at) = (segs.len() as u32, gate.ok_at as u32, gate.scales_at as u32);
         let cfg = LaunchConfig { grid_dim: (u32_of(segs.blocks, "segment blocks"), 1, 1), block_dim: (BLOCK, 1, 1),
                                  shared_mem_bytes: 0 };
-        launch!(self, "adamw_segments_f32", cfg; p, g, m, v, &segs.table, &nsegs, lrs, &hp.beta1, &hp.beta2, &hp.eps,
-                gate.log, &ok_at, &scales_at, gate.counts);
+        launch!(self, "adamw_segments_f32", cfg; p, g, m, v, &segs.table, &nsegs, &hp.beta1, &hp.beta2, &hp.eps,
+                gate.log, &ok_at, &scales_at, gate.counts, &lr[0], &lr[1], &lr[2], &lr[3], &lr[4], &lr[5], &lr[6], &lr[7]);
     }
 
     fn advance_steps(&self, counts: &mut CudaSlice<u32>, segs: &Segments<Self>, log: &CudaSlice<f64>, ok_at: usize) {
@@ -1091,8 +1095,7 @@ impl Backend for CudaBackend {
         }
     }
     fn read_scalar(&self, x: &CudaSlice<f32>) -> f32 {
-        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        check(self.stream.clone_dtoh(&x.slice(0..1)), "read_scalar")[0]
+        self.read_back(&x.slice(0..1), "read_scalar")[0]
     }
 
     fn read_scalars(&self, xs: &[&CudaSlice<f32>]) -> Vec<f32> {
@@ -1105,8 +1108,7 @@ impl Backend for CudaBackend {
             assert!(!x.is_empty(), "read_scalars: buffer {i} is empty");
             check(self.stream.memcpy_dtod(&x.slice(0..1), &mut packed.slice_mut(i..i + 1)), "read_scalars");
         }
-        self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut host = check(self.stream.clone_dtoh(&packed), "read_scalars readback");
+        let mut host = self.read_back(&packed, "read_scalars readback");
         host.truncate(xs.len());
         host
     }
